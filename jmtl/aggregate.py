@@ -17,7 +17,8 @@ __all__ = ["aggregate", "method_inputs", "apply_output"]
 def method_inputs(method: base.Method, *, k: int, present: Any = None, losses: Any = None,
                   key: jax.Array | None = None, gramian: jax.Array | None = None,
                   jacobian: jax.Array | None = None,
-                  grad_norms: jax.Array | None = None) -> base.Inputs:
+                  grad_norms: jax.Array | None = None,
+                  scale: jax.Array | None = None) -> base.Inputs:
     """Validates what ``method`` needs and packs it into :class:`~jmtl.methods.base.Inputs`.
 
     Raises:
@@ -44,6 +45,7 @@ def method_inputs(method: base.Method, *, k: int, present: Any = None, losses: A
         jacobian=jacobian if base.JACOBIAN in needs else None,
         grad_norms=grad_norms if base.GRAD_NORMS in needs else None,
         key=key if base.KEY in needs else None,
+        scale=scale if base.GRAMIAN in needs else None,
     )
 
 
@@ -94,13 +96,13 @@ def aggregate(method: base.Method, jacobian: Any, state: Any, *, losses: Any = N
     flat = None
     if base.JACOBIAN in needs or method.output == "direction":
         flat = jac_lib.flatten_rows(jacobian)
-    gram = None
+    gram = scale = None
     if base.GRAMIAN in needs or base.GRAD_NORMS in needs:
-        gram = jac_lib.gramian(jacobian)
+        gram, scale = jac_lib.scaled_gramian(jacobian)
     norms = None
     if base.GRAD_NORMS in needs:
-        norms = jnp.sqrt(jnp.clip(jnp.diag(gram), 0.0))
+        norms = jnp.sqrt(jnp.clip(jnp.diag(gram), 0.0)) * scale
     inputs = method_inputs(method, k=k, present=present, losses=losses, key=key, gramian=gram,
-                           jacobian=flat, grad_norms=norms)
+                           jacobian=flat, grad_norms=norms, scale=scale)
     out, new_state = method.update(inputs, state)
     return apply_output(method, out, jacobian), new_state

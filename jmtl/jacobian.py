@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = [
     "compute_dtype", "num_rows", "flatten_rows", "unflatten_row", "gramian", "combine",
-    "row_norms", "normalized_gramian",
+    "row_norms", "normalized_gramian", "common_scale", "scaled_gramian",
 ]
 
 
@@ -104,6 +104,45 @@ def gramian(jacobian: Any) -> jax.Array:
         ).astype(dtype)
     # Exact symmetry keeps eigen-solvers and QPs well behaved.
     return 0.5 * (total + total.T)
+
+
+def common_scale(jacobian: Any) -> jax.Array:
+    """A power of two ``s >= max |J_ij|`` (1 for a zero or non-finite Jacobian).
+
+    Dividing by ``s`` is exact, and the Gramian of ``J / s`` neither overflows nor
+    underflows in float32 for entries from 1e-30 to 1e30.
+
+    Examples:
+      >>> float(common_scale(jnp.array([[3.0, -5.0]])))
+      8.0
+    """
+    leaves = jax.tree_util.tree_leaves(jacobian)
+    dtype = compute_dtype(*[x.dtype for x in leaves])
+    m = jnp.zeros((), dtype)
+    for leaf in leaves:
+        if np.size(leaf):
+            m = jnp.maximum(m, jnp.max(jnp.abs(leaf)).astype(dtype))
+    ok = jnp.isfinite(m) & (m > 0)
+    _, exponent = jnp.frexp(jnp.where(ok, m, jnp.ones((), dtype)))
+    return jnp.where(ok, jnp.ldexp(jnp.ones((), dtype), exponent), jnp.ones((), dtype))
+
+
+def scaled_gramian(jacobian: Any, scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(J Jᵀ / s², s)`` with ``s`` = :func:`common_scale` (or the given ``scale``).
+
+    The rows are divided by ``s`` before they are multiplied, so the result is finite
+    whenever ``J`` is, at any scale. This is the Gramian methods see
+    (:attr:`jmtl.methods.base.Inputs.gramian`).
+
+    Examples:
+      >>> g, s = scaled_gramian(jnp.array([[1e20, 0.0], [0.0, 2e20]]))
+      >>> [[round(float(x * s * s / 1e40), 3) for x in row] for row in g]
+      [[1.0, 0.0], [0.0, 4.0]]
+    """
+    if scale is None:
+        scale = common_scale(jacobian)
+    scaled = jax.tree_util.tree_map(lambda x: x / jnp.asarray(scale).astype(x.dtype), jacobian)
+    return gramian(scaled), scale
 
 
 def combine(weights: jax.Array, jacobian: Any) -> Any:
