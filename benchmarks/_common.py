@@ -22,8 +22,8 @@ import numpy as np
 import jmtl
 from jmtl.methods import base
 
-# ``jmtl.aggregate`` is the function; the module holds ``method_inputs``.
-agg_lib = importlib.import_module("jmtl.aggregate")
+# The module that packs a method's inputs (``method_inputs``).
+agg_lib = importlib.import_module("jmtl._method_call")
 # The engine, from the package root once it is exported there.
 value_and_mtl_grad = getattr(jmtl, "value_and_mtl_grad", None) or \
     importlib.import_module("jmtl.engine").value_and_mtl_grad

@@ -71,7 +71,7 @@ def main():
 
     method = jmtl.methods.get(args.method)
     grad_fn = jmtl.value_and_mtl_grad(loss_fn, method,
-                                      shared=lambda path, leaf: path[0].key == "trunk")
+                                      shared=lambda path, leaf: path.startswith("trunk/"))
 
     @nnx.jit
     def train_step(model, optimizer, method_state, x, y):

@@ -69,7 +69,7 @@ def main():
     tx = optax.adam(1e-3)
     grad_fns = {
         "params": jmtl.value_and_mtl_grad(loss_fn, method,
-                                          shared=lambda path, leaf: path[0].key == "trunk"),
+                                          shared=lambda path, leaf: path.startswith("trunk/")),
         "features": jmtl.value_and_mtl_grad(head_losses, method, encoder=encode),
     }
 

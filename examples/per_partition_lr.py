@@ -64,7 +64,7 @@ def main():
 
     method = jmtl.mean()
     grad_fn = jmtl.value_and_mtl_grad(loss_fn, method,
-                                      shared=lambda path, leaf: path[0].key == "trunk")
+                                      shared=lambda path, leaf: path.startswith("trunk/"))
 
     @nnx.jit
     def train_step(model, optimizer, x, y):

@@ -22,7 +22,7 @@ from jmtl import (
     train,
 )
 from jmtl._checks import checked
-from jmtl.aggregate import aggregate
+from jmtl._aggregate import aggregate
 from jmtl.engine import num_shared, shared_mask, value_and_mtl_grad
 
 # Every registered method factory, under its registry name (``jmtl.upgrad()``, ...).

@@ -22,13 +22,14 @@ variables contribute no ``value`` component). :func:`param_paths` lists them.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from jmtl import _paths
 
 __all__ = [
     "param_paths",
@@ -38,31 +39,10 @@ __all__ = [
     "partitioned_lr",
 ]
 
-Rule = str | Callable[[str, Any], bool]
-
-_GLOB_CHARS = frozenset("*?[")
+Rule = _paths.Rule
 
 
 # ----------------------------------------------------------------------------- paths
-
-def _key_str(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _path_str(path) -> str:
-    return "/".join(_key_str(k) for k in path)
-
-
-def _nnx_variable_type():
-    try:
-        from flax import nnx
-    except ImportError:  # flax is optional
-        return None
-    return nnx.Variable
-
 
 def _as_tree(params: Any, wrt: Any) -> Any:
     """An NNX module becomes ``nnx.state(module, wrt)``; anything else is returned as is."""
@@ -82,14 +62,14 @@ def _flatten(tree: Any) -> tuple[list[tuple[str, Any]], Callable[[list[Any]], An
     ``nnx.as_pure(state)``: a prefix of the variable-state that ``nnx.Optimizer`` gives
     ``tx.init`` and equal to the pure state it gives ``tx.update``.
     """
-    var_type = _nnx_variable_type()
+    var_type = _paths.nnx_variable_type()
     is_leaf = None if var_type is None else (lambda x: isinstance(x, var_type))
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     items = []
     for path, leaf in with_path:
         if var_type is not None and isinstance(leaf, var_type):
-            leaf = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
-        items.append((_path_str(path), leaf))
+            leaf = _paths.variable_value(leaf)
+        items.append((_paths.path_of(path), leaf))
     return items, lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -113,17 +93,6 @@ def param_paths(params: Any, *, wrt: Any = None) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- labels
-
-def _matches(rule: Rule, path: str, leaf: Any) -> bool:
-    if callable(rule):
-        return bool(rule(path, leaf))
-    if not isinstance(rule, str):
-        raise TypeError(f"label_tree: a rule must be a string or a callable, got {rule!r}")
-    if _GLOB_CHARS & set(rule):
-        return fnmatch.fnmatchcase(path, rule)
-    prefix = rule.strip("/")
-    return prefix == "" or path == prefix or path.startswith(prefix + "/")
-
 
 def _rule_pairs(rules: Mapping[Any, Hashable] | Sequence[tuple[Any, Hashable]]):
     pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
@@ -174,7 +143,7 @@ def label_tree(params: Any, rules: Mapping[Any, Hashable] | Sequence[tuple[Any, 
     items, rebuild = _flatten(_as_tree(params, wrt))
     labels, unmatched = [], []
     for path, leaf in items:
-        label = next((lab for rule, lab in pairs if _matches(rule, path, leaf)), default)
+        label = next((lab for rule, lab in pairs if _paths.matches(rule, path, leaf, caller="label_tree")), default)
         if label is None:
             unmatched.append(path)
         labels.append(label)

@@ -67,26 +67,6 @@ def _accepts_mask(fn: Callable) -> bool:
     return len(positional) >= 3
 
 
-def _shared_spec(shared: Any) -> Any:
-    """Turns path rules (as in :func:`jmtl.optim.label_tree`) into the engine's callable."""
-    if isinstance(shared, bool) or shared is None:
-        return True if shared is None else shared
-    rules = None
-    if isinstance(shared, str) or callable(shared):
-        rules = [shared]
-    elif isinstance(shared, (list, tuple)) and all(isinstance(r, str) or callable(r)
-                                                   for r in shared):
-        rules = list(shared)
-    if rules is None:
-        return shared  # a boolean prefix pytree, passed to the engine as is
-
-    def spec(path, leaf):
-        p = optim_lib._path_str(path)
-        return any(optim_lib._matches(r, p, leaf) for r in rules)
-
-    return spec
-
-
 def make_train_step(model: Any, task_losses: Mapping[str, Callable], method: base.Method,
                     tx: optax.GradientTransformation, *, params: Any = None,
                     shared: Any = True, encoder: Callable | None = None,
@@ -258,7 +238,7 @@ def make_train_step(model: Any, task_losses: Mapping[str, Callable], method: bas
             return dict(loss_fn=heads_loss, encoder=enc)
         has_aux = False
 
-    engine_shared = True if features else _shared_spec(shared)
+    engine_shared = True if features else shared
 
     def build_grad_fn(rest):
         fns = make_fns(rest)
