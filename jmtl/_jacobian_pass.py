@@ -134,8 +134,13 @@ class _Ctx(NamedTuple):
         return reps.sum(g) / (nrep * nrep)
 
     def scale_of(self, jac):
-        # One scale for all replicas (features-mode rows differ between replicas).
-        return self.lin.replicas.max(jac_lib.common_scale(jac))
+        # The scale of the whole-batch rows, the same on every replica: in features mode
+        # they are the replicas' rows side by side, divided by R.
+        reps = self.lin.replicas
+        m = reps.max(jac_lib.max_abs(jac))
+        if reps.active and self.lin.mode == CONCAT:
+            m = m / reps.count()
+        return jac_lib.power_of_two_above(m)
 
     def rows_of(self, eye, present):
         return _mask_rows(self.reduce_rows(jax.vmap(self.lin.rows)(eye)), present)

@@ -15,7 +15,8 @@ import numpy as np
 
 __all__ = [
     "compute_dtype", "num_rows", "flatten_rows", "unflatten_row", "gramian", "combine",
-    "row_norms", "normalized_gramian", "common_scale", "scaled_gramian",
+    "row_norms", "normalized_gramian", "max_abs", "power_of_two_above", "common_scale",
+    "scaled_gramian",
 ]
 
 
@@ -106,6 +107,25 @@ def gramian(jacobian: Any) -> jax.Array:
     return 0.5 * (total + total.T)
 
 
+def max_abs(jacobian: Any) -> jax.Array:
+    """The largest ``|J_ij|`` over every leaf, in the compute dtype (0 if empty)."""
+    leaves = jax.tree_util.tree_leaves(jacobian)
+    dtype = compute_dtype(*[x.dtype for x in leaves])
+    m = jnp.zeros((), dtype)
+    for leaf in leaves:
+        if np.size(leaf):
+            m = jnp.maximum(m, jnp.max(jnp.abs(leaf)).astype(dtype))
+    return m
+
+
+def power_of_two_above(m: jax.Array) -> jax.Array:
+    """The power of two ``2^e`` with ``m <= 2^e < 2m`` (1 for 0 or non-finite ``m``)."""
+    ok = jnp.isfinite(m) & (m > 0)
+    one = jnp.ones((), m.dtype)
+    _, exponent = jnp.frexp(jnp.where(ok, m, one))
+    return jnp.where(ok, jnp.ldexp(one, exponent), one)
+
+
 def common_scale(jacobian: Any) -> jax.Array:
     """A power of two ``s >= max |J_ij|`` (1 for a zero or non-finite Jacobian).
 
@@ -116,15 +136,7 @@ def common_scale(jacobian: Any) -> jax.Array:
       >>> float(common_scale(jnp.array([[3.0, -5.0]])))
       8.0
     """
-    leaves = jax.tree_util.tree_leaves(jacobian)
-    dtype = compute_dtype(*[x.dtype for x in leaves])
-    m = jnp.zeros((), dtype)
-    for leaf in leaves:
-        if np.size(leaf):
-            m = jnp.maximum(m, jnp.max(jnp.abs(leaf)).astype(dtype))
-    ok = jnp.isfinite(m) & (m > 0)
-    _, exponent = jnp.frexp(jnp.where(ok, m, jnp.ones((), dtype)))
-    return jnp.where(ok, jnp.ldexp(jnp.ones((), dtype), exponent), jnp.ones((), dtype))
+    return power_of_two_above(max_abs(jacobian))
 
 
 def scaled_gramian(jacobian: Any, scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -136,7 +148,7 @@ def scaled_gramian(jacobian: Any, scale: jax.Array | None = None) -> tuple[jax.A
 
     Examples:
       >>> g, s = scaled_gramian(jnp.array([[1e20, 0.0], [0.0, 2e20]]))
-      >>> [[round(float(x * s * s / 1e40), 3) for x in row] for row in g]
+      >>> [[round(float(x) * float(s) ** 2 / 1e40, 3) for x in row] for row in g]
       [[1.0, 0.0], [0.0, 4.0]]
     """
     if scale is None:
