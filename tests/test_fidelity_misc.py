@@ -536,3 +536,99 @@ def test_excess_mtl_matches_reference_at_extreme_scales(jit):
         ref = np_excess_mtl([j * scale for j in jacs], step_size=0.5)
         np.testing.assert_allclose(np.asarray(state.weights), ref, rtol=1e-5)
         assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_db_mtl_and_excess_mtl_permutation_equivariant_rank_deficient():
+    rng = np.random.default_rng(14)
+    r = rng.integers(-9, 10, size=(2, 5)).astype(np.float64)
+    jacs = [np.stack([r[0], -r[0], 2 * r[1], r[0] + r[1]]) * (1 + t) for t in range(3)]
+    losses = [np.array([0.5, 1.0, 2.0, 4.0]) * (1 + t) for t in range(3)]
+    perm = np.array([2, 0, 3, 1])
+    db, ex = jmtl.db_mtl(), jmtl.excess_mtl(step_size=0.5)
+    s_db, s_db_p, s_ex, s_ex_p = db.init(4, 5), db.init(4, 5), ex.init(4, 5), ex.init(4, 5)
+    for jac, loss in zip(jacs, losses):
+        jac = jac.astype(np.float32)
+        out, s_db = _db_update(db, jac, loss, s_db)
+        out_p, s_db_p = _db_update(db, jac[perm], loss[perm], s_db_p)
+        np.testing.assert_allclose(np.asarray(out_p.out), np.asarray(out.out), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out_p.head_weights),
+                                   np.asarray(out.head_weights)[perm], rtol=1e-6)
+        _, s_ex = agg(ex, jac, s_ex)
+        _, s_ex_p = agg(ex, jac[perm], s_ex_p)
+        np.testing.assert_allclose(np.asarray(s_ex_p.weights), np.asarray(s_ex.weights)[perm],
+                                   rtol=1e-6)
+    ref = np_excess_mtl(jacs, step_size=0.5)
+    np.testing.assert_allclose(np.asarray(s_ex.weights), ref, rtol=1e-5)
+
+
+def _measure():
+    """Largest differences against the float64 references (run as a module)."""
+    rows = []
+    worst = {s: 0.0 for s in ("gram_qr", "qr", "gramian")}
+    for seed in range(30):
+        k, d = [(8, 10), (10, 12), (6, 6), (20, 30)][seed % 4]
+        jac = _rand(seed, k, d).astype(np.float32)
+        ref = np_config(jac)
+        for s in worst:
+            upd, _ = agg(jmtl.config(solver=s), jac)
+            err = np.abs(np.asarray(upd, np.float64) - ref).max() / np.abs(ref).max()
+            worst[s] = max(worst[s], err)
+    rows += [(f"config[{s}] f32 vs ConFIG_update f64 (30 matrices, K<=20)", e)
+             for s, e in worst.items()]
+
+    def scale_err(name, m, ref_fn, k=4, d=9, **kw):
+        jac = _rand(5, k, d).astype(np.float32)
+        ref = ref_fn(jac)
+        err = 0.0
+        for scale in (1.0,) + SCALES:
+            for jit in (True, False):
+                upd, _ = agg(m, jac * np.float32(scale), jit=jit, **kw)
+                upd = np.asarray(upd, np.float64) / scale
+                err = max(err, np.abs(upd - ref).max() / np.abs(ref).max())
+        rows.append((f"{name} f32, |J| 1e-20..1e20, jit and not, vs f64 reference", err))
+
+    orders = np.asarray(random_orders(KEY, 4))
+    scale_err("config", jmtl.config(), np_config)
+    scale_err("aligned_mtl", jmtl.aligned_mtl(), np_aligned_update)
+    scale_err("aligned_mtl(mean)", jmtl.aligned_mtl(reduction="mean"),
+              lambda j: np_aligned_torchjd(j, "mean"))
+    scale_err("krum", jmtl.krum(n_byzantine=1, n_selected=2), lambda j: np_krum(j, 1, 2) @ j,
+              k=7)
+    scale_err("trimmed_mean", jmtl.trimmed_mean(trim_number=2),
+              lambda j: np_trimmed_mean(j, 2), k=7)
+    scale_err("pcgrad", jmtl.pcgrad(), lambda j: pcgrad_rows_ref(j, orders).sum(0))
+    scale_err("gradvac", jmtl.gradvac(),
+              lambda j: gradvac_ref(j, orders, np.zeros((4, 4)), beta=0.5)[0])
+    u = _graddrop_u(KEY, 9)
+    scale_err("graddrop", jmtl.graddrop(),
+              lambda j: np_graddrop(j[:, None, :], np.ones((1, 9)), u)[0])
+    jac = _rand(10, 3, 7).astype(np.float32)
+    losses = np.array([0.5, 2.0, 1.5], np.float32)
+    ref_dir, ref_heads = (x[0] for x in np_db_mtl([jac], [losses]))
+    err = 0.0
+    for scale in (1.0,) + SCALES:
+        for jit in (True, False):
+            out, _ = _db_update(jmtl.db_mtl(), jac * np.float32(scale), losses,
+                                jmtl.db_mtl().init(3, 7), jit=jit)
+            err = max(err, np.abs(np.asarray(out.out, np.float64) / scale - ref_dir).max()
+                      / np.abs(ref_dir).max(),
+                      np.abs(np.asarray(out.head_weights) - ref_heads).max() / ref_heads.max())
+    rows.append(("db_mtl f32 direction and head weights, |J| 1e-20..1e20, vs LibMTL f64", err))
+    rng = np.random.default_rng(12)
+    jacs = [rng.normal(size=(3, 5)) * np.array([[1.0], [3.0], [0.3]]) for _ in range(3)]
+    err = 0.0
+    for scale in (1.0, 1e10, 1e20, 1e-2):
+        m = jmtl.excess_mtl(step_size=0.5)
+        state = m.init(3, 5)
+        for j in jacs:
+            _, state = agg(m, (j * scale).astype(np.float32), state)
+        ref = np_excess_mtl([j * scale for j in jacs], step_size=0.5)
+        err = max(err, np.abs(np.asarray(state.weights) - ref).max() / ref.max())
+    rows.append(("excess_mtl f32 weights after 3 steps, |J| 1e-2..1e20, vs f64", err))
+    for name, err in rows:
+        print(f"{err:9.2e}  {name}")
+
+
+if __name__ == "__main__":
+    _measure()
