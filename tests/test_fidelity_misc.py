@@ -129,7 +129,7 @@ def np_db_mtl(jacs, losses, beta=0.9, beta_sigma=0.0, eps=1e-8):
     """LibMTL DB_MTL.backward over steps: (directions, head weights) in float64."""
     buf = np.zeros_like(np.asarray(jacs[0], np.float64))
     out, heads = [], []
-    for step, (jac, loss) in enumerate(zip(jacs, losses), start=1):
+    for step, (jac, loss) in enumerate(zip(jacs, losses, strict=True), start=1):
         grads = np.asarray(jac, np.float64) / (np.asarray(loss, np.float64) + eps)[:, None]
         buf = grads + beta / step ** beta_sigma * (buf - grads)
         norms = np.linalg.norm(buf, axis=1)
@@ -455,7 +455,7 @@ def test_db_mtl_heads_get_log_loss_gradient_like_libmtl():
     ref_dirs, ref_heads = np_db_mtl(jacs, losses)
     m = jmtl.db_mtl()
     state = m.init(k, d)
-    for jac, loss, rd, rh in zip(jacs, losses, ref_dirs, ref_heads):
+    for jac, loss, rd, rh in zip(jacs, losses, ref_dirs, ref_heads, strict=True):
         out, state = _db_update(m, jac.astype(np.float32), loss, state)
         assert isinstance(out, base.Output)
         np.testing.assert_allclose(np.asarray(out.out), rd, rtol=1e-5, atol=1e-6)
@@ -546,7 +546,7 @@ def test_db_mtl_and_excess_mtl_permutation_equivariant_rank_deficient():
     perm = np.array([2, 0, 3, 1])
     db, ex = jmtl.db_mtl(), jmtl.excess_mtl(step_size=0.5)
     s_db, s_db_p, s_ex, s_ex_p = db.init(4, 5), db.init(4, 5), ex.init(4, 5), ex.init(4, 5)
-    for jac, loss in zip(jacs, losses):
+    for jac, loss in zip(jacs, losses, strict=True):
         jac = jac.astype(np.float32)
         out, s_db = _db_update(db, jac, loss, s_db)
         out_p, s_db_p = _db_update(db, jac[perm], loss[perm], s_db_p)

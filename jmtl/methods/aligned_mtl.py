@@ -25,8 +25,9 @@ def aligned_mtl(scale_mode: str = "min", reduction: str = "sum") -> base.Method:
     ``σ U Wᵀ``. As in the authors' code (and LibMTL) the update is their sum, so the task
     weights are ``w = B 1`` (``reduction="sum"``, the default); ``reduction="mean"``
     averages them over the present tasks, ``w = B 1 / P``, as torchjd's ``AlignedMTL``
-    does with its default preference vector (same direction, ``1/P`` the length). The scale ``σ`` is the smallest non-zero singular value of ``J``
-    (``scale_mode="min"``, the paper's choice), the median one (``"median"``, the lower
+    does with its default preference vector (same direction, ``1/P`` the length). The
+    scale ``σ`` is the smallest non-zero singular value of ``J`` (``scale_mode="min"``,
+    the paper's choice), the median one (``"median"``, the lower
     median as in the authors' code) or the root mean square (``"rmse"``).
 
     The weights do not depend on the Gramian's overall scale (``B`` is invariant to it):
