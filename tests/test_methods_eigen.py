@@ -22,7 +22,7 @@ GRAM_METHODS = {
     "imtl_g": {},
     "imtl": {},
     "aligned_mtl": {},
-    "config": {},
+    "config": {"solver": "gramian"},  # the QR solver (default) is in test_fidelity_misc.py
     "fairgrad": {},
 }
 
@@ -49,6 +49,7 @@ def _method(name, hp_items):
 
 def M(name, **hp):
     """A cached method object (so its jitted update is compiled once per shape)."""
+    hp = {**GRAM_METHODS.get(name, {}), **hp}
     return _method(name, tuple(sorted(hp.items())))
 
 

@@ -41,7 +41,10 @@ def _jitted_update(name, hparams):
 
 def _run(m, inputs, state, jit=True):
     fn = _jitted_update(m.name, m.hparams) if jit else m.update
-    return fn(inputs, state)
+    out, new_state = fn(inputs, state)
+    if isinstance(out, base.Output):  # db_mtl's head weights (checked in test_fidelity_misc)
+        out = out.out
+    return out, new_state
 
 
 def _inputs(m, jac, losses, present):

@@ -11,27 +11,35 @@ from jmtl.solvers import eigen
 __all__ = ["aligned_mtl"]
 
 _SCALE_MODES = ("min", "median", "rmse")
+_REDUCTIONS = ("sum", "mean")
 
 
 @base.register("aligned_mtl")
-def aligned_mtl(scale_mode: str = "min") -> base.Method:
+def aligned_mtl(scale_mode: str = "min", reduction: str = "sum") -> base.Method:
     """Aligned-MTL: make the task gradients orthogonal with equal norms, then sum them.
 
     With the Gramian ``G = J Jᵀ = V Λ Vᵀ`` restricted to its numerical rank ``r``
     (eigenvalues above ``K * eps * λ_max``), the balance matrix is
     ``B = σ V Λ^{-1/2} Vᵀ``. The aligned gradients ``B J`` are orthogonal and all have
     norm ``σ`` (``(B J)(B J)ᵀ = σ² V Vᵀ``); with an SVD ``J = U S Wᵀ`` they are
-    ``σ U Wᵀ``. As in the authors' code the update is their sum, so the task weights are
-    ``w = B 1``. The scale ``σ`` is the smallest non-zero singular value of ``J``
-    (``scale_mode="min"``, the paper's choice), the median one (``"median"``, the lower
+    ``σ U Wᵀ``. As in the authors' code (and LibMTL) the update is their sum, so the task
+    weights are ``w = B 1`` (``reduction="sum"``, the default); ``reduction="mean"``
+    averages them over the present tasks, ``w = B 1 / P``, as torchjd's ``AlignedMTL``
+    does with its default preference vector (same direction, ``1/P`` the length). The
+    scale ``σ`` is the smallest non-zero singular value of ``J`` (``scale_mode="min"``,
+    the paper's choice), the median one (``"median"``, the lower
     median as in the authors' code) or the root mean square (``"rmse"``).
 
-    The weights do not depend on the Gramian's overall scale (``B`` is invariant to it),
-    so the Gramian is normalised before the eigendecomposition. Absent tasks are left out
+    The weights do not depend on the Gramian's overall scale (``B`` is invariant to it):
+    the method reads the pre-scaled Gramian ``J Jᵀ / s²`` and divides it by its largest
+    diagonal entry before the eigendecomposition, so |J| from 1e-20 to 1e20 gives the
+    same weights in float32. Absent tasks are left out
     of the decomposition and get weight 0. A zero Jacobian gives zero weights.
 
     Args:
       scale_mode: ``"min"`` (default, the paper), ``"median"`` or ``"rmse"``.
+      reduction: ``"sum"`` (default: the authors' code and LibMTL) or ``"mean"``
+        (torchjd) of the aligned gradients.
 
     Returns:
       A :class:`~jmtl.methods.base.Method` needing the Gramian (a gradient aggregator:
@@ -48,6 +56,9 @@ def aligned_mtl(scale_mode: str = "min") -> base.Method:
       Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for
       Multi-Task Learning", CVPR 2023.
     """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"method 'aligned_mtl': unknown reduction {reduction!r}; valid "
+                         f"values are {', '.join(repr(m) for m in _REDUCTIONS)}")
     if scale_mode not in _SCALE_MODES:
         raise ValueError(f"method 'aligned_mtl': unknown scale_mode {scale_mode!r}; valid "
                          f"modes are {', '.join(repr(m) for m in _SCALE_MODES)}")
@@ -79,8 +90,10 @@ def aligned_mtl(scale_mode: str = "min") -> base.Method:
         inv_sqrt = jnp.where(mask, jax.lax.rsqrt(jnp.where(mask, lam, 1.0)), 0.0)
         coef = inv_sqrt * (vecs.T @ pm)
         weights = jnp.sqrt(sigma2) * (vecs @ coef)
+        if reduction == "mean":
+            weights = weights / jnp.maximum(jnp.sum(pm), 1.0)
         return jnp.where(present, weights, 0.0), state
 
     return base.Method(name="aligned_mtl", init=init, update=update,
                        needs=frozenset({base.GRAMIAN}), output="weights",
-                       weights_task_specific=False, hparams=(("scale_mode", scale_mode),))
+                       weights_task_specific=False)

@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from jmtl import _checks
+from jmtl._linalg import scaled_row_norms
 from jmtl.methods import base
 
-__all__ = ["db_mtl", "DBMTLState", "scaled_row_norms", "require_dim"]
+__all__ = ["db_mtl", "DBMTLState", "scaled_row_norms", "require_dim"]  # scaled_row_norms
+# lives in jmtl._linalg; re-exported here for the methods that import it from this module.
 
 
 class DBMTLState(NamedTuple):
@@ -44,21 +46,6 @@ def check_dim(method: str, jac: jax.Array, rows: jax.Array) -> None:
                          f"state was initialised for {tuple(rows.shape)} (num_tasks, dim)")
 
 
-def scaled_row_norms(x: jax.Array) -> jax.Array:
-    """Euclidean norm of each row of ``x`` without overflow or underflow.
-
-    Each row is divided by its largest magnitude before squaring, so rows of size
-    1e-30 or 1e30 get their norms in float32.
-
-    Examples:
-      >>> [f"{x:.3g}" for x in scaled_row_norms(jnp.array([[3e30, 4e30], [0.0, 0.0]])).tolist()]
-      ['5e+30', '0']
-    """
-    peak = jnp.max(jnp.abs(x), axis=1)
-    safe = jnp.where(peak > 0, peak, 1)
-    return peak * jnp.sqrt(jnp.sum(jnp.square(x / safe[:, None]), axis=1))
-
-
 def ema_schedule(beta: float, sigma: float, count: jax.Array, dtype) -> jax.Array:
     """``β / t^σ`` for the per-task step counts ``t`` (≥ 1)."""
     t = jnp.maximum(count, 1).astype(dtype)
@@ -66,7 +53,8 @@ def ema_schedule(beta: float, sigma: float, count: jax.Array, dtype) -> jax.Arra
 
 
 @base.register("db_mtl")
-def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8) -> base.Method:
+def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8,
+           log_heads: bool = True) -> base.Method:
     """DB-MTL: balance loss scales with ``log L`` and gradient magnitudes to the largest.
 
     Loss-scale balancing: each task contributes the gradient of ``log(L_i + eps)``,
@@ -81,13 +69,19 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8) -> bas
     gradients of size 1e-30 or 1e30 work in float32. Losses must be positive
     (a runtime check under :func:`jmtl.checked`).
 
-    Task-specific parameters get their own unweighted gradient
-    (``weights_task_specific=False``); LibMTL's heads receive ``∇ log L_i`` instead.
+    Task-specific parameters (heads) receive ``∇ log(L_i + eps) = ∇L_i / (L_i + eps)``
+    by default, as in the official code and LibMTL (which back-propagate
+    ``log(L_i + eps)`` through the whole model): ``update`` returns
+    ``base.Output(direction, head_weights)`` with ``head_weights = 1 / (L_i + eps)``
+    (0 for absent tasks). With ``log_heads=False`` each head gets its own unweighted
+    gradient ``∇L_i``.
 
     Args:
       beta: EMA rate ``β`` (LibMTL default 0.9).
       beta_sigma: decay exponent ``β_σ`` of the rate (LibMTL default 0: constant).
       eps: added to the losses inside the logarithm (LibMTL's ``1e-8``).
+      log_heads: heads receive ``∇ log(L_i + eps)`` (default, official code / LibMTL) or,
+        if ``False``, ``∇L_i``.
 
     Returns:
       A :class:`~jmtl.methods.base.Method` (needs losses and the Jacobian; output
@@ -95,11 +89,15 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8) -> bas
 
     Examples:
       >>> import jax.numpy as jnp, jmtl
+      >>> from jmtl.methods import base
       >>> m = jmtl.db_mtl()
-      >>> J = jnp.array([[1.0, 0.0], [0.0, 4.0]])
-      >>> update, state = jmtl.aggregate(m, J, m.init(2, 2), losses=jnp.array([1.0, 2.0]))
-      >>> [round(x, 4) for x in update.tolist()]  # both rows scaled to the larger norm
+      >>> inputs = base.Inputs(present=jnp.array([True, True]), losses=jnp.array([1.0, 2.0]),
+      ...                      jacobian=jnp.array([[1.0, 0.0], [0.0, 4.0]]))
+      >>> (direction, heads), state = m.update(inputs, m.init(2, 2))
+      >>> [round(x, 4) for x in direction.tolist()]  # both rows scaled to the larger norm
       [0.2, 0.2]
+      >>> heads.tolist()  # heads get ∇L_i / (L_i + eps)
+      [1.0, 0.5]
 
     References:
       Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", arXiv 2308.12029,
@@ -132,9 +130,11 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8) -> bas
         units = jnp.where((present & (norms > 0))[:, None], units, 0)
         direction = top * jnp.sum(units, axis=0)
         new_state = DBMTLState(buffer=buffer.astype(state.buffer.dtype), count=count)
+        if log_heads:
+            heads = jnp.where(present, 1 / (losses + eps), 0)
+            return base.Output(direction, heads), new_state
         return direction, new_state
 
     return base.Method(name="db_mtl", init=init, update=update,
                        needs=frozenset({base.LOSSES, base.JACOBIAN}), output="direction",
-                       weights_task_specific=False,
-                       hparams=(("beta", beta), ("beta_sigma", beta_sigma), ("eps", eps)))
+                       weights_task_specific=False)

@@ -117,5 +117,4 @@ def excess_mtl(step_size: float = 1e-2, eps: float = 1e-7) -> base.Method:
 
     return base.Method(name="excess_mtl", init=init, update=update,
                        needs=frozenset({base.JACOBIAN}), output="weights",
-                       weights_task_specific=True,
-                       hparams=(("step_size", step_size), ("eps", eps)))
+                       weights_task_specific=True)

@@ -91,7 +91,9 @@ def gradvac(beta: float = 0.5, eps: float = 1e-8) -> base.Method:
     ``group_type=0``). LibMTL updates ``φ̂_ij`` only when ``g_i'`` was modified; this
     implementation follows the paper and updates it at every visit. Only pairs of
     present tasks are compared and only their targets move; absent tasks get weight 0.
-    ``eps`` is relative: the Gramian is divided by its trace first.
+    ``eps`` is relative: the (pre-scaled) Gramian is divided by its trace first, so
+    |J| from 1e-20 to 1e20 in float32 gives the same weights. Heads (task-specific
+    parameters) get their own unweighted gradient, as in LibMTL.
 
     Args:
       beta: EMA rate ``β`` of the similarity targets (DESIGN / LibMTL default 0.5;
@@ -136,4 +138,4 @@ def gradvac(beta: float = 0.5, eps: float = 1e-8) -> base.Method:
 
     return base.Method(name="gradvac", init=init, update=update,
                        needs=frozenset({base.GRAMIAN, base.KEY}), output="weights",
-                       weights_task_specific=False, hparams=(("beta", beta), ("eps", eps)))
+                       weights_task_specific=False)

@@ -83,6 +83,10 @@ def pcgrad() -> base.Method:
 
     Absent tasks are neither projected nor projected onto, and get weight 0. Rows
     whose squared norm is below ``eps²`` times the Gramian's trace count as zero.
+    The method reads the pre-scaled Gramian ``J Jᵀ / s²`` and divides it by its trace,
+    so |J| from 1e-20 to 1e20 in float32 gives the same weights (no fallback).
+    Heads (task-specific parameters) get their own unweighted gradient, as in the
+    official code, LibMTL and torchjd.
     The random orders for a key are :func:`random_orders` ``(key, K)``.
 
     Returns:
@@ -113,4 +117,4 @@ def pcgrad() -> base.Method:
 
     return base.Method(name="pcgrad", init=init, update=update,
                        needs=frozenset({base.GRAMIAN, base.KEY}), output="weights",
-                       weights_task_specific=False, hparams=())
+                       weights_task_specific=False)

@@ -31,15 +31,20 @@ def _empty_init(num_tasks: int, dim: int | None = None) -> base.EmptyState:
 
 
 @base.register("krum")
-def krum(n_byzantine: int | None = None, n_selected: int = 1) -> base.Method:
+def krum(n_byzantine: int | None = None, n_selected: int = 1,
+         requirement: str = "paper") -> base.Method:
     """(Multi-)Krum: average the ``m`` gradients closest to their ``K - f - 2`` neighbours.
 
     The score of task ``i`` is the sum of the squared distances from ``g_i`` to its
     ``K - f - 2`` nearest other gradients, with
     ``||g_i - g_j||² = G_ii + G_jj - 2 G_ij`` read from the Gramian; the ``m`` tasks of
     lowest score get weight ``1 / m``, the others 0 (ties go to the lower task index). The
-    paper's guarantee needs ``K > 2f + 2``, which is checked. The scores are the paper's
+    scores are the paper's
     squared distances (torchjd sums the distances themselves; the selection can differ).
+
+    The paper's guarantee needs ``K > 2f + 2`` tasks (``requirement="paper"``, the
+    default); ``requirement="torchjd"`` accepts ``K >= f + 3`` as torchjd does (at least
+    one neighbour per score, no robustness guarantee).
 
     Absent tasks are left out: with ``P`` tasks present the scores use ``P - f - 2``
     neighbours (at least 0) and at most ``P`` tasks are selected.
@@ -48,6 +53,7 @@ def krum(n_byzantine: int | None = None, n_selected: int = 1) -> base.Method:
       n_byzantine: ``f``, the number of gradients that may be adversarial (required, as
         in torchjd).
       n_selected: ``m``, the number of gradients averaged (1: Krum; more: Multi-Krum).
+      requirement: ``"paper"`` (``K > 2f + 2``, default) or ``"torchjd"`` (``K >= f + 3``).
 
     Returns:
       A :class:`~jmtl.methods.base.Method` needing the Gramian (a gradient aggregator:
@@ -56,7 +62,7 @@ def krum(n_byzantine: int | None = None, n_selected: int = 1) -> base.Method:
     Raises:
       TypeError: ``n_byzantine`` not given.
       ValueError: a bad hyperparameter, or (when the method sees the number of tasks K)
-        ``K <= 2f + 2`` or ``K < m``.
+        fewer tasks than ``requirement`` asks, or ``K < m``.
 
     Examples:
       >>> import jax.numpy as jnp, jmtl
@@ -72,11 +78,17 @@ def krum(n_byzantine: int | None = None, n_selected: int = 1) -> base.Method:
     """
     f = _check_int("krum", "n_byzantine", n_byzantine, 0)
     m_sel = _check_int("krum", "n_selected", n_selected, 1)
+    if requirement not in ("paper", "torchjd"):
+        raise ValueError(f"method 'krum': unknown requirement {requirement!r}; valid values "
+                         "are 'paper' (K > 2f + 2) and 'torchjd' (K >= f + 3)")
 
     def check_k(k: int) -> None:
-        if k <= 2 * f + 2:
+        if requirement == "paper" and k <= 2 * f + 2:
             raise ValueError(f"method 'krum': needs more than 2 * n_byzantine + 2 = {2 * f + 2} "
-                             f"tasks, got K={k} (n_byzantine={f})")
+                             f"tasks (requirement='paper'), got K={k} (n_byzantine={f})")
+        if requirement == "torchjd" and k < f + 3:
+            raise ValueError(f"method 'krum': needs at least n_byzantine + 3 = {f + 3} tasks "
+                             f"(requirement='torchjd'), got K={k} (n_byzantine={f})")
         if k < m_sel:
             raise ValueError(f"method 'krum': n_selected={m_sel} exceeds the number of tasks "
                              f"K={k}")
@@ -115,8 +127,7 @@ def krum(n_byzantine: int | None = None, n_selected: int = 1) -> base.Method:
 
     return base.Method(name="krum", init=init, update=update,
                        needs=frozenset({base.GRAMIAN}), output="weights",
-                       weights_task_specific=False,
-                       hparams=(("n_byzantine", f), ("n_selected", m_sel)))
+                       weights_task_specific=False)
 
 
 @base.register("trimmed_mean")
@@ -193,4 +204,4 @@ def trimmed_mean(trim_number: int | None = None) -> base.Method:
 
     return base.Method(name="trimmed_mean", init=init, update=update,
                        needs=frozenset({base.JACOBIAN}), output="direction",
-                       weights_task_specific=False, hparams=(("trim_number", t),))
+                       weights_task_specific=False)

@@ -1,0 +1,157 @@
+"""Scale-free numerics on flat ``(K, d)`` Jacobians, shared by the methods that read the
+Jacobian itself (ConFIG, DB-MTL, MoCo, ...).
+
+Everything works in float32 for rows of any magnitude the dtype can hold (|J| from 1e-30
+to 1e30): a row is divided by its largest entry (a power of two, so the division is exact)
+before anything is squared.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["row_peaks", "scaled_row_norms", "unit_rows", "min_norm_lstsq", "min_norm_lstsq_gram"]
+
+
+def row_peaks(x: jax.Array) -> jax.Array:
+    """``(K,)`` powers of two ``p_i >= max_j |x_ij|`` (1 for a zero or non-finite row).
+
+    Examples:
+      >>> row_peaks(jnp.array([[3.0, -5.0], [0.0, 0.0]])).tolist()
+      [8.0, 1.0]
+    """
+    m = jnp.max(jnp.abs(x), axis=1)
+    ok = jnp.isfinite(m) & (m > 0)
+    one = jnp.ones_like(m)
+    _, e = jnp.frexp(jnp.where(ok, m, one))
+    return jnp.where(ok, jnp.ldexp(one, e), one)
+
+
+def scaled_row_norms(x: jax.Array) -> jax.Array:
+    """Euclidean norm of each row of ``x`` without overflow or underflow.
+
+    Each row is divided by a power of two close to its largest magnitude before squaring,
+    so rows of size 1e-30 or 1e30 get their norms in float32.
+
+    Examples:
+      >>> [f"{x:.3g}" for x in scaled_row_norms(jnp.array([[3e30, 4e30], [0.0, 0.0]])).tolist()]
+      ['5e+30', '0']
+    """
+    p = row_peaks(x)
+    return p * jnp.sqrt(jnp.sum(jnp.square(x / p[:, None]), axis=1))
+
+
+def unit_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(units, norms)``: each row divided by its norm (zero rows stay zero), and the norms.
+
+    Examples:
+      >>> u, n = unit_rows(jnp.array([[3e30, 4e30], [0.0, 0.0]]))
+      >>> [[round(v, 6) for v in r] for r in u.tolist()], [f"{v:.3g}" for v in n.tolist()]
+      ([[0.6, 0.8], [0.0, 0.0]], ['5e+30', '0'])
+    """
+    p = row_peaks(x)
+    y = x / p[:, None]
+    n = jnp.sqrt(jnp.sum(jnp.square(y), axis=1))
+    ok = n > 0
+    units = jnp.where(ok[:, None], y / jnp.where(ok, n, 1)[:, None], 0)
+    return units, p * n
+
+
+def min_norm_lstsq(a: jax.Array, b: jax.Array, rtol: float | None = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Minimum-norm least-squares solution of ``a x = b`` for a wide ``(K, d)`` matrix.
+
+    Computed from a QR decomposition of ``aᵀ`` and an SVD of its ``K×K`` factor, so the
+    error grows with the condition number of ``a``, not with its square (as it would
+    through the normal equations ``a aᵀ``). Singular values ``<= rtol · s_max``
+    (default ``max(K, d)·eps``, the LAPACK ``gelsy``/``torch.linalg.lstsq`` convention)
+    count as zero.
+
+    Args:
+      a: ``(K, d)`` matrix (K <= d is the useful case; any shape works).
+      b: ``(K,)`` right-hand side.
+      rtol: relative singular-value cut-off.
+
+    Returns:
+      ``(x, fitted, coeffs)``: ``x`` the ``(d,)`` solution, ``fitted = a x`` the ``(K,)``
+      projection of ``b`` on the range of ``a``, and ``coeffs`` the ``(K,)`` coordinates of
+      that projection in an orthonormal basis of the range (0 outside the rank), so
+      ``||fitted|| = ||coeffs||``.
+
+    Examples:
+      >>> x, fitted, _ = min_norm_lstsq(jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]),
+      ...                               jnp.array([1.0, 1.0]))
+      >>> x.tolist(), fitted.tolist()
+      ([0.0, 0.0, 0.0], [0.0, 0.0])
+    """
+    k, d = a.shape
+    dtype = jnp.result_type(jnp.float32, a.dtype)
+    a = a.astype(dtype)
+    q, r = jnp.linalg.qr(a.T, mode="reduced")  # aᵀ = Q R: (d, m), (m, K), m = min(K, d)
+    # R = U S Vᵀ, so a = V S (Q U)ᵀ and pinv(a) b = Q U S⁺ Vᵀ b.
+    u, s, vt = jnp.linalg.svd(r, full_matrices=False)
+    if rtol is None:
+        rtol = max(k, d) * float(jnp.finfo(dtype).eps)
+    keep = s > rtol * jnp.max(s, initial=0.0)
+    coeffs = jnp.where(keep, vt @ b.astype(dtype), 0)
+    y = u @ jnp.where(keep, coeffs / jnp.where(keep, s, 1), 0)
+    x = q @ y
+    fitted = vt.T @ coeffs
+    return x, fitted, coeffs
+
+
+def _orthonormalise(basis: jax.Array, rtol: float) -> jax.Array:
+    """One pass of SVQB: ``basis @ V Λ^{-1/2}`` from the eigendecomposition of its Gram
+    matrix (columns for eigenvalues ``<= rtol · λ_max`` are zero)."""
+    hi = jax.lax.Precision.HIGHEST
+    gram = jnp.matmul(basis.T, basis, precision=hi)
+    lam, vecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
+    keep = lam > rtol * jnp.max(lam, initial=0.0)
+    scale = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1)), 0)
+    return jnp.matmul(basis, vecs * scale[None, :], precision=hi)
+
+
+def min_norm_lstsq_gram(a: jax.Array, b: jax.Array, rtol: float | None = None
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`min_norm_lstsq` through matrix products only (fast where QR is slow).
+
+    An orthonormal basis ``Q`` of the row space of ``a`` is built from Gram matrices in
+    two passes (SVQB, the eigenvalue form of Cholesky-QR2), then ``pinv(a Q) b`` is solved
+    with ``a Q`` formed from ``a`` itself (not from ``a aᵀ``) and ``x = Q y``. The error is
+    of order ``eps·cond(a)`` like a Householder QR as long as ``eps·cond(a)² < 1``
+    (``cond(a) < 3e3`` in float32); directions with singular values below ``√(K·eps)``
+    times the largest are dropped by the first pass. The cost is five ``K×K×d`` products.
+
+    Args:
+      a: ``(K, d)`` matrix.
+      b: ``(K,)`` right-hand side.
+      rtol: relative singular-value cut-off of the final ``K×K`` solve (default
+        ``8·K·eps``).
+
+    Returns:
+      ``(x, fitted, coeffs)`` as :func:`min_norm_lstsq`.
+
+    Examples:
+      >>> x, fitted, _ = min_norm_lstsq_gram(jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]),
+      ...                                    jnp.array([1.0, 1.0]))
+      >>> x.tolist(), fitted.tolist()
+      ([0.0, 0.0, 0.0], [0.0, 0.0])
+    """
+    k, d = a.shape
+    dtype = jnp.result_type(jnp.float32, a.dtype)
+    a = a.astype(dtype)
+    eps = float(jnp.finfo(dtype).eps)
+    if rtol is None:
+        rtol = 8 * k * eps
+    hi = jax.lax.Precision.HIGHEST
+    q = _orthonormalise(a.T, k * eps)  # (d, K): rank-r orthonormal columns, others 0
+    q = _orthonormalise(q, 0.5)  # second pass: eigenvalues are 1 or 0
+    aq = jnp.matmul(a, q, precision=hi)  # (K, K), from a itself
+    u, s, vt = jnp.linalg.svd(aq, full_matrices=False)
+    keep = s > rtol * jnp.max(s, initial=0.0)
+    coeffs = jnp.where(keep, u.T @ b.astype(dtype), 0)
+    y = vt.T @ jnp.where(keep, coeffs / jnp.where(keep, s, 1), 0)
+    x = jnp.matmul(q, y, precision=hi)
+    fitted = u @ coeffs
+    return x, fitted, coeffs
