@@ -181,7 +181,8 @@ def modo(gamma: float = 0.1, rho: float = 0.1, num_samples: int = 1) -> base.Met
         grad = ((cross @ start) * s) * s + jnp.asarray(rho, dtype) * start
         moved = project_simplex(start - jnp.asarray(gamma, dtype) * grad, mask=present)
         moved = jnp.where(present, moved, 0.0)
-        new_lam = jnp.where(present, moved * jnp.where(mass > 0, mass, 1.0), lam)
+        keep = jnp.where(jnp.all(present) | ~(mass > 0), 1.0, mass)  # absent: keep their share
+        new_lam = jnp.where(present, moved * keep, lam)
         new_state = MoDoState(lam=new_lam.astype(state.lam.dtype))
         w = jnp.where(present_all, direction_weights(moved, n), 0.0)
         if n == 1:

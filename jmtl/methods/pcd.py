@@ -18,8 +18,8 @@ __all__ = ["pcd", "PCDState"]
 _INFEASIBLE = 0.5
 # The dual of an infeasible problem is unbounded; the ridge keeps it finite.
 _RIDGE = 1e-6
-# Cap of eps / unit² (relative to stored squared norms of order 1).
-_EPS_CAP = 1e30
+# Iterative-refinement steps after the regularised solve.
+_REFINE = 2
 
 
 class PCDState(NamedTuple):
@@ -27,9 +27,9 @@ class PCDState(NamedTuple):
 
     Attributes:
       ema: ``(K,)`` float32 moving average of the squared gradient norms, in units of
-        ``unit²`` (the raw average is ``ema · unit²``; kept this way so that it neither
+        ``unit²`` (the raw average is ``ema_i · unit_i²``; kept this way so that it neither
         overflows nor underflows for |J| from 1e-20 to 1e20).
-      unit: float32 scalar, a power of two (0 before the first update).
+      unit: ``(K,)`` float32 powers of two (0 before the task's first update).
       count: ``(K,)`` int32 number of updates each task was present in (bias correction).
     """
 
@@ -111,7 +111,8 @@ def pcd(tau=0.02, beta: float = 0.999, eps: float = 1e-8) -> base.Method:
 
     def init(num_tasks: int, dim: int | None = None) -> PCDState:
         del dim
-        return PCDState(ema=jnp.zeros((num_tasks,), jnp.float32), unit=jnp.zeros((), jnp.float32),
+        return PCDState(ema=jnp.zeros((num_tasks,), jnp.float32),
+                        unit=jnp.zeros((num_tasks,), jnp.float32),
                         count=jnp.zeros((num_tasks,), jnp.int32))
 
     def update(inputs: base.Inputs, state: PCDState):
@@ -125,22 +126,29 @@ def pcd(tau=0.02, beta: float = 0.999, eps: float = 1e-8) -> base.Method:
         taus = jnp.broadcast_to(jnp.asarray(tau, dtype), (k - 1,))
         b_ = jnp.asarray(beta, dtype)
 
-        # Moving average of ‖g_i‖² = s² G_ii, kept as ema · unit² with unit a power of two.
+        # Moving average of ‖g_i‖² = s² G_ii, kept per task as ema_i · unit_i² with unit_i a
+        # power of two close to the task's gradient norm (exact rescalings, no overflow).
         sq = jnp.clip(jnp.diag(g), 0.0)
         ema = state.ema.astype(dtype)
         unit = state.unit.astype(dtype)
-        hist = unit * _pow2_at_least(jnp.sqrt(jnp.max(ema)))
-        new_unit = jnp.maximum(jnp.where(unit > 0, hist, 0.0), s)
-        r_old = jnp.where(unit > 0, unit / new_unit, 0.0)
-        r_new = s / new_unit
+        seen = unit > 0
+        hist = unit * _pow2_at_least(jnp.sqrt(ema))
+        cand = jnp.maximum(jnp.where(seen, hist, 0.0), s)
+        r_old = jnp.where(seen, unit / cand, 0.0)
+        r_new = s / cand
         updated = b_ * ((ema * r_old) * r_old) + (1.0 - b_) * ((sq * r_new) * r_new)
         count = state.count + present.astype(jnp.int32)
-        new_ema = jnp.where(present, updated, (ema * r_old) * r_old)
+        new_ema = jnp.where(present, updated, ema)
+        new_unit = jnp.where(present, cand, unit)
         debias = 1.0 - b_ ** jnp.maximum(count, 1).astype(dtype)
         v_hat = new_ema / jnp.where(debias > 0, debias, 1.0)
-        e = jnp.minimum((jnp.asarray(eps, dtype) / new_unit) / new_unit, _EPS_CAP)
-        denom = jnp.sqrt(v_hat + e)
+        # sqrt(v̂_raw + ε) = hypot(unit · sqrt(v̂), sqrt(ε)): the raw norms stay in range.
+        denom = jnp.hypot(new_unit * jnp.sqrt(v_hat), jnp.sqrt(jnp.asarray(eps, dtype)))
         scales = jnp.where(present & (denom > 0), 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+        # Only the ratios of the scales matter: the largest is set to 1 so that the
+        # normalised Gramian keeps the magnitude of the pre-scaled one.
+        top = jnp.max(scales)
+        scales = jnp.where(top > 0, scales / jnp.where(top > 0, top, 1.0), 0.0)
 
         # Normalised Gramian (a common factor does not change the weights, so the units of
         # G and of the scales are dropped).
@@ -157,6 +165,18 @@ def pcd(tau=0.02, beta: float = 0.999, eps: float = 1e-8) -> base.Method:
         violation = jnp.where(sec, rhs - gs @ mu, 0.0)
         bound = jnp.max(jnp.where(sec, taus * jnp.diag(gs), 0.0))
         infeasible = (bound > 0) & (jnp.max(violation) > _INFEASIBLE * bound)
+        # Two steps of iterative refinement on the free set remove the ridge's bias (each
+        # divides it by about 1 + λ_min / ridge); a non-finite result keeps the ridge's μ.
+        free = sec & (mu > 0)
+        ridge = _RIDGE * jnp.max(jnp.diag(gs))
+        mat = jnp.where(free[:, None] & free[None, :], gs, 0.0) + jnp.diag(
+            jnp.where(free, ridge, 1.0))
+        refined = mu
+        for _ in range(_REFINE):
+            resid = jnp.where(free, rhs - gs @ refined, 0.0)
+            refined = refined + jnp.where(free, jnp.linalg.solve(mat, resid), 0.0)
+        refined = jnp.where(free, jnp.maximum(refined, 0.0), 0.0)
+        mu = jnp.where(jnp.all(jnp.isfinite(refined)), refined, mu)
         w = jnp.concatenate([jnp.ones((1,), dtype), jnp.where(infeasible, 0.0, mu)])
 
         # Rescale d̃ = Σ w_i g̃_i to the norm of g₁ unless it vanishes up to rounding.

@@ -146,7 +146,8 @@ def sdmgrad(lamda: float = 0.3, niter: int = 20, lr: float = 10.0, momentum: flo
 
         w, _ = jax.lax.fori_loop(0, niter, body, (w0, jnp.zeros_like(w0)))
         out = (w + lam_ * pref) / (1.0 + lam_)
-        new_w = jnp.where(present, w * jnp.where(mass > 0, mass, 1.0), state.w.astype(dtype))
+        keep = jnp.where(jnp.all(present) | ~(mass > 0), 1.0, mass)  # absent: keep their share
+        new_w = jnp.where(present, w * keep, state.w.astype(dtype))
         new_state = SDMGradState(w=new_w.astype(state.w.dtype))
         weights = jnp.where(present_all, direction_weights(jnp.where(present, out, 0.0), n), 0.0)
         if n == 1:
