@@ -374,26 +374,40 @@ def test_cr_mogm_wraps_any_weighting_and_rejects_directions():
         jmtl.cr_mogm(alpha=1.5)
 
 
+@jax.jit
+def _pbi_traced(losses, pref, theta):
+    m = jmtl.pbi(pref_vector=pref, theta=theta)
+    return m.update(base.Inputs(jnp.ones(K, bool), losses), m.init(K))[0]
+
+
+@jax.jit
+def _cosmos_traced(losses, pref, lamda):
+    m = jmtl.cosmos(pref_vector=pref, lamda=lamda)
+    return m.update(base.Inputs(jnp.ones(K, bool), losses), m.init(K))[0]
+
+
 def test_pbi_matches_finite_differences():
     rng = np.random.default_rng(5)
     for theta in (0.0, 5.0, 1.3):
         for _ in range(3):
-            losses = rng.uniform(0.1, 3.0, size=K)
-            pref = rng.uniform(0.1, 1.0, size=K)
-            m = jmtl.pbi(pref_vector=pref.tolist(), theta=theta)
-            w, _, _ = _step(m, m.init(K), np.eye(K), losses=losses)
-            _close(w, pbi_ref(losses.astype(np.float32), pref, theta), rtol=2e-4, atol=2e-5)
+            losses = rng.uniform(0.1, 3.0, size=K).astype(np.float32)
+            pref = rng.uniform(0.1, 1.0, size=K).astype(np.float32)
+            w = _pbi_traced(losses, pref, np.float32(theta))
+            _close(w, pbi_ref(losses, pref.astype(np.float64), theta), rtol=2e-4, atol=2e-5)
+    m = jmtl.pbi(pref_vector=(1.0, 2.0, 3.0))  # the factory's own (concrete) path
+    w, _, _ = _step(m, m.init(K), np.eye(K), losses=[1.0, 0.5, 2.0])
+    _close(w, pbi_ref(np.array([1.0, 0.5, 2.0]), np.array([1.0, 2.0, 3.0]), 5.0), rtol=2e-4,
+           atol=2e-5)
 
 
 def test_cosmos_matches_finite_differences():
     rng = np.random.default_rng(6)
     for lamda in (0.0, 2.0, 8.0):
         for _ in range(3):
-            losses = rng.uniform(0.1, 3.0, size=K)
-            pref = rng.dirichlet(np.full(K, 1.2))
-            m = jmtl.cosmos(pref_vector=pref.tolist(), lamda=lamda)
-            w, _, _ = _step(m, m.init(K), np.eye(K), losses=losses)
-            _close(w, cosmos_ref(losses.astype(np.float32), pref, lamda), rtol=2e-4, atol=2e-5)
+            losses = rng.uniform(0.1, 3.0, size=K).astype(np.float32)
+            pref = rng.dirichlet(np.full(K, 1.2)).astype(np.float32)
+            w = _cosmos_traced(losses, pref, np.float32(lamda))
+            _close(w, cosmos_ref(losses, pref / pref.sum(), lamda), rtol=2e-4, atol=2e-5)
 
 
 def test_cosmos_dirichlet_preference_from_key():
@@ -402,7 +416,8 @@ def test_cosmos_dirichlet_preference_from_key():
     key = jax.random.key(3)
     losses = np.array([0.5, 1.5, 1.0])
     w, _, _ = _step(m, m.init(K), np.eye(K), losses=losses, key=key)
-    r = np.asarray(jmtl.methods.cosmos.sample_preference(key, K, 1.2), np.float64)
+    r = np.asarray(jax.jit(jmtl.methods.cosmos.sample_preference, static_argnums=1)(
+        key, K, 1.2), np.float64)
     assert abs(r.sum() - 1) < 1e-6 and np.all(r > 0)
     _close(w, cosmos_ref(losses, r, 2.0), rtol=2e-4, atol=2e-5)
     w2, _, _ = _step(m, m.init(K), np.eye(K), losses=losses, key=jax.random.key(4))
@@ -426,7 +441,7 @@ def test_jit_equals_no_jit(m):
     n = _n(m)
     s1 = s2 = m.init(n * K)
     rng = np.random.default_rng(1)
-    for t, jac in enumerate(_jacs(3, n=n, seed=2)):
+    for t, jac in enumerate(_jacs(2, n=n, seed=2)):
         losses = rng.uniform(0.2, 2.0, size=n * K)
         key = jax.random.key(t)
         w1, _, s1 = _step(m, s1, jac, losses=losses, key=key, jit=True)
@@ -466,6 +481,12 @@ def test_absent_tasks_get_zero_and_keep_their_state(m):
             assert a[K - 1] == b[K - 1], (m, a, b)
 
 
+@functools.cache
+def _aggregate_jit(m):
+    return jax.jit(lambda jac, state, losses, key: jmtl.aggregate(m, jac, state, losses=losses,
+                                                                   key=key))
+
+
 @pytest.mark.parametrize("scale", [1e-20, 1e-10, 1.0, 1e10, 1e20])
 @pytest.mark.parametrize("name", ["modo", "sdmgrad", "pcd", "cr_mogm", "pbi", "cosmos"])
 def test_finite_at_extreme_scales(name, scale):
@@ -475,7 +496,7 @@ def test_finite_at_extreme_scales(name, scale):
     for t in range(3):
         jac = jnp.asarray(rng.normal(size=(K, D)) * scale, jnp.float32)
         losses = jnp.asarray(rng.uniform(0.1, 2.0, size=K) * scale, jnp.float32)
-        update, state = jmtl.aggregate(m, jac, state, losses=losses, key=jax.random.key(t))
+        update, state = _aggregate_jit(m)(jac, state, losses, jax.random.key(t))
         assert np.all(np.isfinite(np.asarray(update))), (name, scale)
     for leaf in jax.tree_util.tree_leaves(state):
         assert np.all(np.isfinite(np.asarray(leaf, np.float64))), (name, scale)
@@ -507,21 +528,17 @@ def test_traced_hyperparameters():
     """Factories accept traced floats (e.g. an optax schedule inside a jitted step)."""
     jac = _jacs(1, seed=4)[0]
 
-    @jax.jit
-    def run(h):
-        out = []
-        for m in (jmtl.modo(gamma=h), jmtl.sdmgrad(lamda=h, lr=1.0), jmtl.pcd(tau=h),
-                  jmtl.cr_mogm(alpha=h), jmtl.pbi(theta=h * 10), jmtl.cosmos(lamda=h * 10)):
-            res, _ = m.update(_inputs(m, jac, losses=np.ones(K)), m.init(K))
-            out.append(res)
-        return out
+    def build(h):
+        return (jmtl.modo(gamma=h), jmtl.sdmgrad(lamda=h, lr=1.0), jmtl.pcd(tau=h),
+                jmtl.cr_mogm(alpha=h), jmtl.pbi(theta=h * 10), jmtl.cosmos(lamda=h * 10))
 
-    traced = run(jnp.float32(0.3))
-    for got, m in zip(traced, (jmtl.modo(gamma=0.3), jmtl.sdmgrad(lamda=0.3, lr=1.0), jmtl.pcd(tau=0.3),
-                               jmtl.cr_mogm(alpha=0.3), jmtl.pbi(theta=3.0),
-                               jmtl.cosmos(lamda=3.0)), strict=True):
-        w, _, _ = _step(m, m.init(K), jac, losses=np.ones(K))
-        _close(got, w, rtol=1e-5, atol=1e-6)
+    def run(methods):
+        return [m.update(_inputs(m, jac, losses=np.ones(K)), m.init(K))[0] for m in methods]
+
+    traced = jax.jit(lambda h: run(build(h)))(jnp.float32(0.3))
+    concrete = jax.jit(lambda: run(build(0.3)))()
+    for got, want in zip(traced, concrete, strict=True):
+        _close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- through the engine

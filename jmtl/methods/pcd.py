@@ -27,9 +27,10 @@ class PCDState(NamedTuple):
 
     Attributes:
       ema: ``(K,)`` float32 moving average of the squared gradient norms, in units of
-        ``unit²`` (the raw average is ``ema_i · unit_i²``; kept this way so that it neither
-        overflows nor underflows for |J| from 1e-20 to 1e20).
-      unit: ``(K,)`` float32 powers of two (0 before the task's first update).
+        ``unit²``: the raw average is ``ema_i · unit_i²`` with ``ema_i`` in [1/4, 1) (kept
+        this way so that it neither overflows nor underflows for |J| from 1e-20 to 1e20,
+        and does not depend on the Gramian's pre-scaling).
+      unit: ``(K,)`` float32 powers of two (0 while the average is 0).
       count: ``(K,)`` int32 number of updates each task was present in (bias correction).
     """
 
@@ -132,14 +133,19 @@ def pcd(tau=0.02, beta: float = 0.999, eps: float = 1e-8) -> base.Method:
         ema = state.ema.astype(dtype)
         unit = state.unit.astype(dtype)
         seen = unit > 0
-        hist = unit * _pow2_at_least(jnp.sqrt(ema))
+        hist = unit * _pow2_at_least(jnp.sqrt(ema))  # = unit for the canonical form
         cand = jnp.maximum(jnp.where(seen, hist, 0.0), s)
         r_old = jnp.where(seen, unit / cand, 0.0)
         r_new = s / cand
         updated = b_ * ((ema * r_old) * r_old) + (1.0 - b_) * ((sq * r_new) * r_new)
+        # Canonical form: ema in [1/4, 1) and unit = 2^e (0 with no history), so the state
+        # does not depend on how the Gramian was pre-scaled.
+        f = _pow2_at_least(jnp.sqrt(updated))
+        updated_unit = jnp.where(updated > 0, cand * f, 0.0)
+        updated = (updated / f) / f
         count = state.count + present.astype(jnp.int32)
         new_ema = jnp.where(present, updated, ema)
-        new_unit = jnp.where(present, cand, unit)
+        new_unit = jnp.where(present, updated_unit, unit)
         debias = 1.0 - b_ ** jnp.maximum(count, 1).astype(dtype)
         v_hat = new_ema / jnp.where(debias > 0, debias, 1.0)
         # sqrt(v̂_raw + ε) = hypot(unit · sqrt(v̂), sqrt(ε)): the raw norms stay in range.
