@@ -51,8 +51,8 @@ from jmtl.methods.pbi import pbi
 from jmtl.methods.pcd import pcd
 from jmtl.methods.pcgrad import pcgrad
 from jmtl.methods.rlw import rlw
-from jmtl.methods.sdmgrad import sdmgrad
 from jmtl.methods.robust import krum, trimmed_mean
+from jmtl.methods.sdmgrad import sdmgrad
 from jmtl.methods.stch import stch
 from jmtl.methods.upgrad import dualproj, upgrad
 from jmtl.methods.uw import uw

@@ -481,6 +481,43 @@ def test_absent_tasks_get_zero_and_keep_their_state(m):
             assert a[K - 1] == b[K - 1], (m, a, b)
 
 
+@pytest.mark.parametrize("m", _all_methods(), ids=lambda m: repr(m))
+def test_finite_on_degenerate_jacobians(m):
+    n = _n(m)
+    g = np.array([1.0, -2.0, 0.5, 0.0, 3.0, 1.0])
+    cases = {
+        "zero": np.zeros((K, D)),
+        "zero_row": np.stack([g, np.zeros(D), -g + 1.0]),
+        "duplicate": np.stack([g, g, g]),
+        "opposite": np.stack([g, -g, 2 * g]),
+    }
+    for what, jac in cases.items():
+        jac = np.concatenate([jac] * n)
+        state = m.init(n * K)
+        for t in range(2):
+            w, _, state = _step(m, state, jac, losses=np.full(n * K, 0.7),
+                                key=jax.random.key(t))
+            assert np.all(np.isfinite(w)), (what, w)
+        for leaf in jax.tree_util.tree_leaves(state):
+            assert np.all(np.isfinite(np.asarray(leaf, np.float64))), what
+
+
+@pytest.mark.parametrize("name", [n for n in ("modo", "sdmgrad", "pcd", "cr_mogm", "pbi",
+                                               "cosmos")
+                                  if base.PERMUTATION_EQUIVARIANT in
+                                  jmtl.methods.factory(n).properties])
+def test_declared_permutation_equivariance(name):
+    m = jmtl.methods.get(name)
+    perm = np.array([2, 0, 1])
+    s1 = s2 = m.init(K)
+    rng = np.random.default_rng(11)
+    for jac in _jacs(2, seed=13):
+        losses = rng.uniform(0.2, 2.0, size=K)
+        w1, _, s1 = _step(m, s1, jac, losses=losses)
+        w2, _, s2 = _step(m, s2, jac[perm], losses=losses[perm])
+        _close(w2, w1[perm], rtol=1e-4, atol=1e-6)
+
+
 @functools.cache
 def _aggregate_jit(m):
     return jax.jit(lambda jac, state, losses, key: jmtl.aggregate(m, jac, state, losses=losses,
@@ -552,9 +589,11 @@ def _per_task(params, x, y):
 
 
 def _expected(grads, weights, head_weights):
-    trunk = jax.tree_util.tree_map(
-        lambda *leaves: sum(w * np.asarray(lf, np.float64) for w, lf in zip(weights, leaves)),
-        *[g["trunk"] for g in grads])
+    def combine(*leaves):
+        return sum(w * np.asarray(lf, np.float64)
+                   for w, lf in zip(weights, leaves, strict=True))
+
+    trunk = jax.tree_util.tree_map(combine, *[g["trunk"] for g in grads])
     heads = {t: head_weights[i] * np.asarray(grads[i]["heads"][t], np.float64)
              for i, t in enumerate(prob.TASKS)}
     return {"trunk": trunk, "heads": heads}
