@@ -190,7 +190,7 @@ class PCDRef:
         if sq[0] == 0:
             return np.zeros(jac.shape[1])
         gn = g * np.outer(s, s)
-        mu = _pcd_multipliers(gn, np.full(len(sq) - 1, self.tau))
+        mu = _pcd_multipliers(gn, np.broadcast_to(np.asarray(self.tau, float), (len(sq) - 1,)))
         if mu is None:
             return jac[0].copy()
         w = np.concatenate([[1.0], mu])
@@ -337,6 +337,20 @@ def test_pcd_matches_reference(tau, scales):
         for j in range(1, 4):
             assert gn[j] @ d / np.linalg.norm(d) * np.linalg.norm(jac[0]) >= \
                 tau * gn[j] @ gn[j] * (1 - 1e-3)
+
+
+def test_pcd_per_task_tau():
+    tau = (0.4, 0.0, 0.2)
+    m = jmtl.pcd(tau=tau)
+    ref = PCDRef(4, tau=np.array(tau))
+    state = m.init(4)
+    rng = np.random.default_rng(17)
+    for _ in range(3):
+        jac = rng.normal(size=(4, D))
+        jac[1:] -= 0.7 * jac[0]  # conflicting secondaries
+        jac = jac.astype(np.float32).astype(np.float64)
+        w, _, state = _step(m, state, jac)
+        _close(w @ jac, ref.step(jac), rtol=1e-3, atol=1e-4)
 
 
 def test_pcd_special_cases():

@@ -18,6 +18,16 @@ each (tuples keep their order, so the method sees ``num_samples · K`` rows, sam
 * ``3`` (LibMTL and the official code's ``three_grads``): ``λ`` moves with ``J₁ J₂ᵀ``, the
   update is ``J₃ᵀ λ`` from the third batch.
 
+With the engine, two mini-batches per step::
+
+    def loss_fn(params, batch_1, batch_2):
+        return (task_losses(params, batch_1), task_losses(params, batch_2))
+
+    grad_fn = jmtl.value_and_mtl_grad(loss_fn, jmtl.modo(num_samples=2), shared=...)
+    losses, grads, state = grad_fn(params, state, batch_1, batch_2)
+
+(the heads' gradients come through ``base.Output``, which the engine must honour).
+
 The helpers here (:func:`num_tasks_per_sample`, :func:`cross_gramian`,
 :func:`direction_weights`) are shared with :mod:`jmtl.methods.sdmgrad`, which uses the same
 convention.
