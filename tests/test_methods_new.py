@@ -360,6 +360,11 @@ def test_pcd_special_cases():
     w, _, _ = _step(m, m.init(3), opposite)
     _close(w @ opposite, g1)
     _close(PCDRef(3).step(opposite), g1)
+    nearly = np.stack([g1, [0.0, 1.0, 0.0], [0.3, -1.0, 0.0]])  # feasible, large multipliers
+    w, _, _ = _step(m, m.init(3), nearly)
+    expected = PCDRef(3).step(nearly)
+    assert not np.allclose(expected, g1)
+    _close(w @ nearly, expected, rtol=1e-4, atol=1e-5)
     zero_primary = np.stack([np.zeros(3), [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
     w, _, _ = _step(m, m.init(3), zero_primary)
     assert np.all(w == 0)
