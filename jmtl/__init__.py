@@ -29,6 +29,8 @@ from jmtl.engine import num_shared, shared_mask, value_and_mtl_grad
 from jmtl.methods.aligned_mtl import aligned_mtl
 from jmtl.methods.cagrad import cagrad
 from jmtl.methods.config import config
+from jmtl.methods.cosmos import cosmos
+from jmtl.methods.cr_mogm import cr_mogm
 from jmtl.methods.db_mtl import db_mtl
 from jmtl.methods.dwa import dwa
 from jmtl.methods.excess_mtl import excess_mtl
@@ -43,10 +45,14 @@ from jmtl.methods.imtl import imtl, imtl_g, imtl_l
 from jmtl.methods.log_losses import gls, si
 from jmtl.methods.mgda import mgda
 from jmtl.methods.moco import moco
+from jmtl.methods.modo import modo
 from jmtl.methods.nash_mtl import nash_mtl
+from jmtl.methods.pbi import pbi
+from jmtl.methods.pcd import pcd
 from jmtl.methods.pcgrad import pcgrad
 from jmtl.methods.rlw import rlw
 from jmtl.methods.robust import krum, trimmed_mean
+from jmtl.methods.sdmgrad import sdmgrad
 from jmtl.methods.stch import stch
 from jmtl.methods.upgrad import dualproj, upgrad
 from jmtl.methods.uw import uw
@@ -88,6 +94,8 @@ __all__ = [
     "aligned_mtl",
     "cagrad",
     "config",
+    "cosmos",
+    "cr_mogm",
     "db_mtl",
     "dualproj",
     "dwa",
@@ -106,9 +114,13 @@ __all__ = [
     "mean",
     "mgda",
     "moco",
+    "modo",
     "nash_mtl",
+    "pbi",
+    "pcd",
     "pcgrad",
     "rlw",
+    "sdmgrad",
     "si",
     "stch",
     "sum",
