@@ -1,0 +1,165 @@
+"""Hyperparameter schedules and learnable parameters trained by optax, for method factories.
+
+Two pieces of machinery shared by the method factories:
+
+* **Schedules.** Every continuous hyperparameter (a factory argument whose default is a
+  ``float``) accepts a number, a scalar jax/numpy array or an optax schedule (a callable
+  of the method's step count). :func:`jmtl.methods.base.register` calls
+  :func:`check_hparams` on every factory call and, when some argument is a schedule,
+  builds the method through :func:`scheduled`: the returned method's state is
+  :class:`ScheduledState` ``(inner, count)`` and its ``update`` evaluates the schedules at
+  ``count`` and calls the factory with the (traced) values inside the trace. Factories
+  must therefore be trace-safe: no Python ``if`` on a continuous hyperparameter (checks of
+  concrete values only, see :func:`check_value`).
+* **Learnable parameters.** :func:`optimizer_or_default` validates an optax optimizer and
+  :func:`masked_step` takes one step of it on per-task parameters, leaving the parameters
+  and the per-task optimizer statistics of absent tasks unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = ["ScheduledState", "is_schedule", "check_hparams", "scheduled", "check_value",
+           "optimizer_or_default", "masked_step"]
+
+
+class ScheduledState(NamedTuple):
+    """State of a method built with a scheduled hyperparameter.
+
+    Attributes:
+      inner: the state of the method built with the hyperparameters' current values.
+      count: int32 number of updates so far (the argument of the schedules).
+    """
+
+    inner: Any
+    count: jax.Array
+
+
+def _continuous(param: inspect.Parameter) -> bool:
+    """A continuous hyperparameter: its default is a float (not a bool)."""
+    return type(param.default) is float
+
+
+def is_schedule(value: Any) -> bool:
+    """Whether ``value`` is a schedule (a callable of the step count, e.g. an optax schedule)."""
+    return callable(value) and not isinstance(value, (type, optax.GradientTransformation))
+
+
+def check_hparams(name: str, signature: inspect.Signature,
+                  bound: inspect.BoundArguments) -> dict[str, Callable]:
+    """Checks the continuous hyperparameters' types; returns the scheduled ones.
+
+    Raises:
+      TypeError: a continuous hyperparameter is not a number, a numeric array or a
+        schedule (naming the method and the hyperparameter).
+    """
+    schedules = {}
+    for key, value in bound.arguments.items():
+        param = signature.parameters.get(key)
+        if param is None or not _continuous(param):
+            continue
+        if is_schedule(value):
+            schedules[key] = value
+            continue
+        ok = not isinstance(value, (bool, np.bool_, str, bytes, complex)) and value is not None
+        if ok and not isinstance(value, (int, float, np.number)):
+            try:
+                ok = jnp.issubdtype(jnp.asarray(value).dtype, jnp.number) and not jnp.issubdtype(
+                    jnp.asarray(value).dtype, jnp.complexfloating)
+            except TypeError:
+                ok = False
+        if not ok:
+            raise TypeError(
+                f"method '{name}': hyperparameter `{key}` must be a number, a numeric jax "
+                f"array or an optax schedule (a callable of the step count), got "
+                f"{type(value).__name__} {value!r}")
+    return schedules
+
+
+def scheduled(name: str, fn: Callable, signature: inspect.Signature,
+              bound: inspect.BoundArguments, schedules: dict[str, Callable]):
+    """The method ``fn(**bound)`` whose ``schedules`` are evaluated at its step count.
+
+    The factory is called once at build time with the schedules' values at step 0 (this
+    validates them and gives ``init``, ``needs`` and ``output``) and once per traced
+    ``update`` with the values at the state's count.
+    """
+    from jmtl.methods import base  # noqa: PLC0415 (base imports this module lazily)
+
+    def build_at(count) -> base.Method:
+        args = dict(bound.arguments)
+        for key, sched in schedules.items():
+            args[key] = jnp.asarray(sched(count))
+        b = signature.bind_partial()
+        b.arguments.update(args)
+        return fn(*b.args, **b.kwargs)
+
+    first = build_at(jnp.zeros((), jnp.int32))
+    if not isinstance(first, base.Method):
+        return first
+
+    def init(num_tasks: int, dim: int | None = None) -> ScheduledState:
+        return ScheduledState(inner=first.init(num_tasks, dim),
+                              count=jnp.zeros((), jnp.int32))
+
+    def update(inputs, state: ScheduledState):
+        if not isinstance(state, ScheduledState):
+            raise ValueError(
+                f"method '{name}' has scheduled hyperparameter(s) {sorted(schedules)}: its state "
+                f"is a ScheduledState from its own init, got {type(state).__name__}")
+        method = build_at(state.count)
+        out, inner = method.update(inputs, state.inner)
+        return out, ScheduledState(inner=inner, count=state.count + 1)
+
+    return base.Method(name=first.name, init=init, update=update, needs=first.needs,
+                       output=first.output, weights_task_specific=first.weights_task_specific)
+
+
+def check_value(name: str, key: str, value: Any, ok: Callable[[Any], Any], what: str) -> None:
+    """Raises ``ValueError`` when a concrete ``value`` fails ``ok``; traced values pass."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    arr = np.asarray(value, dtype=float)
+    if not np.all(ok(arr)):
+        raise ValueError(f"method '{name}': {key} must be {what}, got {value!r}")
+
+
+def optimizer_or_default(name: str, optimizer: Any, default: Callable[[], Any]
+                         ) -> optax.GradientTransformation:
+    """``optimizer`` if it is an optax transformation, ``default()`` if ``None``."""
+    if optimizer is None:
+        return default()
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")
+            and callable(optimizer.init) and callable(optimizer.update)):
+        raise TypeError(f"method '{name}': `optimizer` must be an optax GradientTransformation "
+                        f"(e.g. optax.adam(1e-2)), got {type(optimizer).__name__}")
+    return optimizer
+
+
+def masked_step(optimizer: optax.GradientTransformation, params: jax.Array, grads: jax.Array,
+                opt_state: Any, present: jax.Array) -> tuple[jax.Array, Any]:
+    """One optimizer step on ``(K,)`` parameters; absent tasks keep params and statistics.
+
+    Per-task leaves of the optimizer state (shape ``(K,)``: Adam's moments, ...) keep their
+    old values for absent tasks; other leaves (step counters) advance.
+    """
+    grads = jnp.where(present, grads, 0.0).astype(params.dtype)
+    updates, new_opt = optimizer.update(grads, opt_state, params)
+    new_params = jnp.where(present, optax.apply_updates(params, updates), params)
+    shape = present.shape
+
+    def keep(new, old):
+        if hasattr(new, "shape") and new.shape == shape and new.ndim == 1:
+            return jnp.where(present, new, old).astype(old.dtype)
+        return new
+
+    new_opt = jax.tree_util.tree_map(keep, new_opt, opt_state)
+    return new_params.astype(params.dtype), new_opt
