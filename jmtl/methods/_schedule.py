@@ -53,6 +53,18 @@ def is_schedule(value: Any) -> bool:
     return callable(value) and not isinstance(value, (type, optax.GradientTransformation))
 
 
+def _real_number(value: Any) -> bool:
+    """A real number or a real numeric array (per-task hyperparameters are pytrees of them)."""
+    if isinstance(value, (bool, np.bool_, str, bytes, complex)) or value is None:
+        return False
+    if isinstance(value, (int, float, np.number)):
+        return not isinstance(value, np.complexfloating)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return False
+    return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+
+
 def check_hparams(name: str, signature: inspect.Signature,
                   bound: inspect.BoundArguments) -> dict[str, Callable]:
     """Checks the continuous hyperparameters' types; returns the scheduled ones.
@@ -69,13 +81,8 @@ def check_hparams(name: str, signature: inspect.Signature,
         if is_schedule(value):
             schedules[key] = value
             continue
-        ok = not isinstance(value, (bool, np.bool_, str, bytes, complex)) and value is not None
-        if ok and not isinstance(value, (int, float, np.number)):
-            try:
-                ok = jnp.issubdtype(jnp.asarray(value).dtype, jnp.number) and not jnp.issubdtype(
-                    jnp.asarray(value).dtype, jnp.complexfloating)
-            except TypeError:
-                ok = False
+        leaves = jax.tree_util.tree_leaves(value)
+        ok = bool(leaves) and all(_real_number(leaf) for leaf in leaves)
         if not ok:
             raise TypeError(
                 f"method '{name}': hyperparameter `{key}` must be a number, a numeric jax "
