@@ -24,6 +24,7 @@ from jmtl import (
 from jmtl._checks import checked
 from jmtl.aggregate import aggregate
 from jmtl.engine import num_shared, shared_mask, value_and_mtl_grad
+from jmtl.transform import as_gradient_transformation
 
 # Every registered method factory, under its registry name (``jmtl.upgrad()``, ...).
 from jmtl.methods.aligned_mtl import aligned_mtl
@@ -80,6 +81,7 @@ __all__ = [
     "train",
     # functions
     "aggregate",
+    "as_gradient_transformation",
     "checked",
     "num_shared",
     "shared_mask",
