@@ -156,17 +156,20 @@ def masked_step(optimizer: optax.GradientTransformation, params: jax.Array, grad
     """One optimizer step on ``(K,)`` parameters; absent tasks keep params and statistics.
 
     Per-task leaves of the optimizer state (shape ``(K,)``: Adam's moments, ...) keep their
-    old values for absent tasks; other leaves (step counters) advance.
+    old values for absent tasks; other leaves (step counters) advance when at least one
+    task is present. A step without any present task changes nothing.
     """
     grads = jnp.where(present, grads, 0.0).astype(params.dtype)
     updates, new_opt = optimizer.update(grads, opt_state, params)
     new_params = jnp.where(present, optax.apply_updates(params, updates), params)
     shape = present.shape
 
+    anyp = jnp.any(present)
+
     def keep(new, old):
         if hasattr(new, "shape") and new.shape == shape and new.ndim == 1:
             return jnp.where(present, new, old).astype(old.dtype)
-        return new
+        return jnp.where(anyp, new, old).astype(old.dtype)
 
     new_opt = jax.tree_util.tree_map(keep, new_opt, opt_state)
     return new_params.astype(params.dtype), new_opt
