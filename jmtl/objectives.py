@@ -280,9 +280,10 @@ def gradnorm_loss(weights: jax.Array, grad_norms: jax.Array, losses: jax.Array,
     if mask is None:
         mask = jnp.ones(weights.shape, bool)
     w = weights.astype(dtype)
-    n = jnp.abs(grad_norms.astype(dtype))
-    lv = losses.astype(dtype)
-    l0 = initial_losses.astype(dtype)
+    # Only the weights are trained by this loss: the norms and losses are constants.
+    n = jax.lax.stop_gradient(jnp.abs(grad_norms.astype(dtype)))
+    lv = jax.lax.stop_gradient(losses.astype(dtype))
+    l0 = jax.lax.stop_gradient(initial_losses.astype(dtype))
     count = jnp.maximum(jnp.sum(mask), 1).astype(dtype)
     ratio = jnp.where(l0 > 0, lv / jnp.where(l0 > 0, l0, 1), 1)
     ratio = jnp.where(mask, jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 0), 0)

@@ -88,7 +88,8 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-6,
       ``warmup_steps=N`` (LibMTL with ``N`` = steps per epoch): the first ``N`` steps use
       weights 1 and do not train them, and ``L_i(0)`` is the mean of task ``i``'s losses
       over them.
-    * ``optimizer=None``: ``optax.rprop(lr)``. The GradNorm loss is piecewise linear, so
+    * ``optimizer=None``: iRprop⁻ with initial step ``lr``
+      (:func:`jmtl.methods._schedule.irprop`). The GradNorm loss is piecewise linear, so
       its gradient has a constant magnitude ``n_i`` and only its sign carries
       information: plain SGD or Adam at a fixed rate circle the equilibrium in a limit
       cycle whose size is set by the rate (with Adam(0.025) and gradient norms 1 and 100
@@ -108,10 +109,10 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-6,
 
     Args:
       alpha: the asymmetry ``α`` (paper default 1.5); a number, scalar array or schedule.
-      lr: initial step of the default Rprop optimizer (ignored when ``optimizer`` is
-        given).
+      lr: initial step of the default iRprop⁻ optimizer (ignored when ``optimizer`` is
+        given); a number, scalar array or schedule.
       min_weight: floor of the weights after a step (``"weights"`` parameterisation).
-      optimizer: an optax optimizer for the weights' parameters (default Rprop, above).
+      optimizer: an optax optimizer for the weights' parameters (default iRprop⁻, above).
       parameterization: ``"weights"`` (paper) or ``"softmax"`` (LibMTL).
       warmup_steps: steps with equal weights whose mean losses give ``L_i(0)`` (0:
         paper; steps per epoch: LibMTL).
@@ -130,12 +131,13 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-6,
       [1.0, 4.0]
       >>> for _ in range(3):
       ...     update, state = jmtl.aggregate(m, J, state, losses=jnp.array([1.0, 1.0]))
-      >>> [round(w, 3) for w in state.weights.tolist()]  # task 1's larger norm: lower weight
-      [1.091, 0.909]
+      >>> [round(w, 3) for w in state.weights.tolist()]  # steps 0.025, 0.03, 0.036, 0.0432
+      [1.134, 0.866]
 
     References:
       Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for
       Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018.
+      Igel & Hüsken, "Improving the Rprop Learning Algorithm", NC 2000 (iRprop⁻).
       Lin & Zhang, "LibMTL: A Python Library for Multi-Task Learning", JMLR 2023.
     """
     _schedule.check_value("gradnorm", "lr", lr, lambda x: x > 0, "positive")
@@ -147,7 +149,7 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-6,
         raise ValueError(f"method 'gradnorm': warmup_steps must be a non-negative integer, "
                          f"got {warmup_steps!r}")
     warmup_steps = int(warmup_steps)
-    opt = _schedule.optimizer_or_default("gradnorm", optimizer, lambda: optax.rprop(lr))
+    opt = _schedule.optimizer_or_default("gradnorm", optimizer, lambda: _schedule.irprop(lr))
     softmax = parameterization == "softmax"
     ratio_based = not (_checks.is_concrete(alpha) and float(jnp.asarray(alpha)) == 0.0)
 
