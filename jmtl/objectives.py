@@ -259,7 +259,7 @@ def check_ratio_losses(values: jax.Array, *, method: str, what: str = "losses",
         bad = np.flatnonzero(~(arr > 0) & mask)
         if bad.size:
             nm = names if names is not None else [f"task {i}" for i in range(arr.shape[0])]
-            tasks = ", ".join(f"{nm[i]}={arr[i]!r}" for i in bad)
+            tasks = ", ".join(f"{nm[i]}={float(arr[i])!r}" for i in bad)
             raise ValueError(f"{method}: {what} must be positive (they enter the loss ratios "
                              f"L_i / L_i(0)); got {tasks}")
         return

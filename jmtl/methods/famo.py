@@ -76,7 +76,8 @@ def _check_losses(losses: jax.Array, present: jax.Array, b: jax.Array) -> None:
         bb = np.broadcast_to(np.asarray(b, float), arr.shape)
         bad = np.flatnonzero((arr < bb) & np.asarray(present, bool))
         if bad.size:
-            tasks = ", ".join(f"task {i}={arr[i]!r} (bound {bb[i]!r})" for i in bad)
+            tasks = ", ".join(f"task {i}={float(arr[i])!r} (bound {float(bb[i])!r})"
+                              for i in bad)
             raise ValueError(f"famo: losses must be at least their lower bounds `min_losses` "
                              f"(FAMO takes log(L - b + eps)); got {tasks}. For losses that can "
                              f"be negative pass min_losses=<a lower bound>.")

@@ -103,8 +103,9 @@ def _equal_projection_direction(gramian: jax.Array, present: jax.Array) -> jax.A
     rhs = active.astype(dtype)
     coef = jnp.where(mask, vecs.T @ rhs, 0.0)
     x = vecs @ (coef / jnp.where(mask, lam, 1.0))
-    # Residual of C x = 1 in C's eigenbasis: the part of 1 outside the kept eigenspace.
-    resid = jnp.sqrt(jnp.maximum(jnp.sum(rhs) - jnp.sum(coef * coef), 0.0))
+    # Residual of C x = 1: the part of 1 outside the kept eigenspace (computed as a vector,
+    # not as ||1||² - ||coef||², which loses half the digits).
+    resid = jnp.linalg.norm(rhs - vecs @ coef)
     consistent = resid <= jnp.sqrt(jnp.finfo(dtype).eps) * jnp.sqrt(jnp.sum(rhs))
     # inv / max(inv) lies in (0, 1]: the common factor drops out of every normalisation.
     rel = inv / jnp.maximum(jnp.max(inv), jnp.finfo(dtype).tiny)

@@ -47,7 +47,7 @@ def check_nonnegative(name: str, losses: jax.Array, present: jax.Array, why: str
         arr = np.asarray(safe)
         bad = np.flatnonzero(arr < 0)
         if bad.size:
-            tasks = ", ".join(f"task {i}={arr[i]!r}" for i in bad)
+            tasks = ", ".join(f"task {i}={float(arr[i])!r}" for i in bad)
             raise ValueError(f"{name}: losses must be non-negative ({why}); got {tasks}")
         return
     _checks.runtime_check(jnp.all(safe >= 0), f"{name}: losses must be non-negative")
