@@ -22,8 +22,9 @@ class GradNormState(NamedTuple):
 
     Attributes:
       weights: ``(K,)`` float32 task weights ``w_i`` for the next step (sum to K).
-      params: ``(K,)`` float32 parameters trained by the optimizer: ``w`` itself
-        (``parameterization="weights"``) or the logits ``ξ`` (``"softmax"``).
+      params: ``(K,)`` float32 parameters trained by the optimizer: the logits ``ξ``
+        (``"softmax"``), or a copy of ``weights`` (``"weights"``: the weights field is the
+        parameter).
       opt_state: the optax optimizer's state for ``params``.
       initial_losses: ``(K,)`` float32 ``L_i(0)``.
       seen: ``(K,)`` bool, whether ``L_i(0)`` is set for task ``i``.
@@ -192,8 +193,8 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-6,
                        state.initial_losses.astype(dtype))
         seen = state.seen | set_now
 
-        params = state.params.astype(dtype)
         w = state.weights.astype(dtype)
+        params = state.params.astype(dtype) if softmax else w  # "weights": w is the parameter
         active = present & ~in_warmup
         grads = jax.grad(lambda p: objectives.gradnorm_loss(
             weights_of(p), norms, losses, l0, alpha, mask=active))(params)
