@@ -20,6 +20,7 @@ from jmtl import (
     solvers,
     tasks,
     train,
+    transform,
 )
 from jmtl._checks import checked
 from jmtl.aggregate import aggregate
@@ -79,6 +80,7 @@ __all__ = [
     "solvers",
     "tasks",
     "train",
+    "transform",
     # functions
     "aggregate",
     "as_gradient_transformation",

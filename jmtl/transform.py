@@ -6,6 +6,9 @@ turns one into an ``optax.GradientTransformationExtraArgs`` that maps a per-task
 pytree to the aggregated update, so it composes with ``optax.chain`` like any other
 transformation. (Putting a bare Method in ``optax.chain`` fails at ``init`` with a
 ``TypeError`` pointing here.)
+
+It also exports :func:`irprop`, the sign-based optimizer ``jmtl.gradnorm`` trains its
+weights with, for loops that train GradNorm weights on :func:`jmtl.objectives.gradnorm`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import optax
 
 from jmtl.aggregate import aggregate
 from jmtl.methods import base
+from jmtl.methods._schedule import irprop
 
-__all__ = ["as_gradient_transformation"]
+__all__ = ["as_gradient_transformation", "irprop"]
 
 
 def as_gradient_transformation(method: base.Method, num_tasks: int

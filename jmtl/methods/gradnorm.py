@@ -90,7 +90,7 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-6,
       weights 1 and do not train them, and ``L_i(0)`` is the mean of task ``i``'s losses
       over them.
     * ``optimizer=None``: iRprop⁻ with initial step ``lr``
-      (:func:`jmtl.methods._schedule.irprop`). The GradNorm loss is piecewise linear, so
+      (:func:`jmtl.transform.irprop`). The GradNorm loss is piecewise linear, so
       its gradient has a constant magnitude ``n_i`` and only its sign carries
       information: plain SGD or Adam at a fixed rate circle the equilibrium in a limit
       cycle whose size is set by the rate (with Adam(0.025) and gradient norms 1 and 100
