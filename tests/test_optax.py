@@ -17,9 +17,8 @@ import pytest
 from jax.experimental import checkify
 
 import jmtl
-from jmtl.methods import Inputs
+from jmtl.methods import Inputs, _schedule
 from jmtl.methods.base import Output
-from jmtl.methods import _schedule
 from tests.test_loss_methods import NpAdam, RefFAMO, ref_dwa
 
 # ----------------------------------------------------------------------------- references
@@ -333,7 +332,7 @@ def test_famo_negative_losses_and_bounds():
     w, _ = m.update(Inputs(jnp.array([True, True]), jnp.array([0.0, -0.5])), m.init(2))
     np.testing.assert_allclose(w, [1 / 3, 2 / 3], rtol=1e-5)
     with pytest.raises(checkify.JaxRuntimeError, match="famo"):
-        jmtl.checked(jax.jit(lambda l: jmtl.famo().update(Inputs(jnp.array([True, True]), l),
+        jmtl.checked(jax.jit(lambda v: jmtl.famo().update(Inputs(jnp.array([True, True]), v),
                                                   jmtl.famo().init(2))))(jnp.array([1.0, -1.0]))
 
 

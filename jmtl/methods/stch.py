@@ -102,7 +102,6 @@ def stch(mu: float = 1.0, preference: Any = None, warmup_steps: int = 0,
         if not np.all(np.isfinite(pref) & (pref > 0)):
             raise ValueError(f"method 'stch': preference must be positive and finite, got "
                              f"{pref.tolist()}")
-    hp_pref = None if pref is None else tuple(pref.tolist())
 
     def init(num_tasks: int, dim: int | None = None) -> STCHState:
         del dim
