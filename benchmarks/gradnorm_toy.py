@@ -191,9 +191,8 @@ def plot(results: dict, sigmas: np.ndarray, chunk: int, path: str) -> None:
     for name, r in results.items():
         t = r["test_normalised"].sum(1)
         axes[2].plot(chunk * np.arange(1, len(t) + 1), t, lw=1.5, label=name)
-    axes[2].set_yscale("log")
     axes[2].set_xlabel("training step")
-    axes[2].set_ylabel(r"$\sum_i$ test MSE$_i$ / $\sigma_i^2$ (log scale)")
+    axes[2].set_ylabel(r"$\sum_i$ test MSE$_i$ / $\sigma_i^2$")
     axes[2].set_title("task-normalised test loss (lower is better)")
     axes[2].grid(True, which="major", alpha=0.3)
     axes[2].legend()
