@@ -613,3 +613,14 @@ def test_masked_step_leaves_absent_statistics():
     nx2, nst2 = _schedule.masked_step(opt, nx, jnp.ones(3), nst, jnp.zeros(3, bool))
     np.testing.assert_array_equal(nx2, nx)
     assert int(nst2[0].count) == int(nst[0].count) == 1
+
+
+@pytest.mark.parametrize("name", ["uw", "gradnorm", "famo", "dwa", "imtl_l", "stch"])
+def test_wrong_state_named(name):
+    m = jmtl.methods.get(name)
+    inp = Inputs(jnp.ones(2, bool), jnp.ones(2), grad_norms=jnp.ones(2))
+    with pytest.raises(ValueError, match=rf"method '{name}': expected an? \w+State for 2 "
+                                         rf"tasks, got a state for 3 tasks"):
+        m.update(inp, m.init(3))
+    with pytest.raises(ValueError, match=rf"method '{name}': expected .* got EmptyState"):
+        m.update(inp, jmtl.methods.EmptyState())

@@ -14,6 +14,22 @@ Two pieces of machinery shared by the method factories:
 * **Learnable parameters.** :func:`optimizer_or_default` validates an optax optimizer and
   :func:`masked_step` takes one step of it on per-task parameters, leaving the parameters
   and the per-task optimizer statistics of absent tasks unchanged.
+
+Examples:
+  >>> import jax, jax.numpy as jnp, optax, jmtl
+  >>> m = jmtl.gradnorm(alpha=optax.linear_schedule(0.0, 1.5, 100))
+  >>> state = m.init(2)  # ScheduledState(inner=GradNormState(...), count=0)
+  >>> step = jax.jit(m.update)  # traced once: α is evaluated at state.count in the graph
+  >>> inputs = jmtl.methods.Inputs(jnp.array([True, True]), jnp.ones(2),
+  ...                              grad_norms=jnp.array([1.0, 2.0]))
+  >>> for _ in range(3):
+  ...     w, state = step(inputs, state)
+  >>> int(state.count)
+  3
+  >>> jmtl.gradnorm(alpha="1.5")
+  Traceback (most recent call last):
+  ...
+  TypeError: method 'gradnorm': hyperparameter `alpha` must be a number, a numeric jax array or an optax schedule (a callable of the step count), got str '1.5'
 """
 
 from __future__ import annotations

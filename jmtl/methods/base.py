@@ -241,7 +241,9 @@ def register(name: str, *, properties: tuple[str, ...] | frozenset = ()
     """Decorator registering a method factory under ``name``.
 
     The factory's bound arguments (defaults applied) become the method's ``hparams``, and
-    ``properties`` its declared properties.
+    ``properties`` its declared properties. Continuous hyperparameters (arguments whose
+    default is a float) accept a number, a numeric array or an optax schedule; see
+    :mod:`jmtl.methods._schedule` (schedules are evaluated at the method's step count).
 
     Args:
       name: the registry name.

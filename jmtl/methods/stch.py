@@ -114,6 +114,10 @@ def stch(mu: float = 1.0, preference: Any = None, warmup_steps: int = 0,
     def update(inputs: base.Inputs, state: STCHState) -> tuple[jax.Array, STCHState]:
         present = inputs.present
         k = present.shape[0]
+        if not isinstance(state, STCHState) or state.nadir_sum.shape != (k,):
+            got = (f"a state for {state.nadir_sum.shape[0]} tasks"
+                   if isinstance(state, STCHState) else type(state).__name__)
+            raise ValueError(f"method 'stch': expected an STCHState for {k} tasks, got {got}")
         if pref is not None and pref.shape[0] != k:
             raise ValueError(f"method 'stch': {pref.shape[0]} preferences for {k} tasks")
         dtype = jnp.result_type(inputs.losses.dtype, state.nadir_sum.dtype)
