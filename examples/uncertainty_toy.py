@@ -10,9 +10,14 @@ log-variance ``s_i = log σ_i²`` per task, minimising
 with full-batch Adam under ``jax.jit``. At the optimum ``σ_i² = L_i``, the residual
 variance, so the learned ``σ = exp(s / 2)`` should approach the true noise scales 10 and 1.
 
+The same result is reached with the balancing method ``jmtl.uw()`` in jmtl's engine
+(``--method``): the log-variances then live in the method's state and are trained by its
+own optax optimizer (Adam 1e-2 on the clipped gradient), while the model's Adam sees the
+weighted losses ``exp(-s_i) L_i``.
+
 Run::
 
-    python examples/uncertainty_toy.py [--steps 500] [--fast]
+    python examples/uncertainty_toy.py [--steps 500] [--method] [--fast]
         [--out examples/out/uncertainty_toy.png]
 """
 
@@ -101,6 +106,37 @@ def train(steps: int = 500, lr: float = 0.2, seed: int = 0, progress: bool = Fal
     return params, np.asarray(jnp.stack(history))
 
 
+def train_method(steps: int = 1000, lr: float = 0.2, seed: int = 0, progress: bool = False):
+    """Trains the toy with ``jmtl.uw()`` in the engine; returns ``(params, state, σ history)``."""
+    kd, kp = jax.random.split(jax.random.key(seed))
+    x, ys = make_data(kd)
+    params = init_params(kp)
+    del params["log_vars"]  # the method keeps its own
+    method = jmtl.uw()
+    grad_fn = jmtl.value_and_mtl_grad(task_losses, method, shared="shared")
+    state = grad_fn.init(params, x, ys)
+    opt = optax.adam(lr)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, opt_state):
+        _, grads, state = grad_fn(params, state, x, ys)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), state, opt_state, jnp.exp(
+            state.log_vars / 2)
+
+    it = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="uncertainty toy (jmtl.uw)", unit="step")
+    history = []
+    for _ in it:
+        params, state, opt_state, sigma = step(params, state, opt_state)
+        history.append(sigma)
+    return params, state, np.asarray(jnp.stack(history))
+
+
 def plot(history: np.ndarray, out: str) -> None:
     import matplotlib
 
@@ -130,10 +166,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--fast", action="store_true", help="few steps (smoke test)")
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", action="store_true",
+                        help="train with the method jmtl.uw() in the engine (1,000 steps)")
     parser.add_argument("--out", default=os.path.join("examples", "out", "uncertainty_toy.png"))
     args = parser.parse_args(argv)
-    steps = 30 if args.fast else args.steps
-    _, history = train(steps=steps, lr=args.lr, seed=args.seed, progress=True)
+    if args.method:
+        steps = 30 if args.fast else max(args.steps, 1000)
+        *_, history = train_method(steps=steps, lr=args.lr, seed=args.seed, progress=True)
+    else:
+        steps = 30 if args.fast else args.steps
+        _, history = train(steps=steps, lr=args.lr, seed=args.seed, progress=True)
     sigma = {t: float(history[-1, i]) for i, t in enumerate(TRUE_SIGMA)}
     for t, true in TRUE_SIGMA.items():
         print(f"{t}: learned σ = {sigma[t]:.4f} (true {true:g}, "

@@ -20,10 +20,12 @@ from jmtl import (
     solvers,
     tasks,
     train,
+    transform,
 )
 from jmtl._checks import checked
 from jmtl._aggregate import aggregate
 from jmtl.engine import num_shared, shared_mask, value_and_mtl_grad
+from jmtl.transform import as_gradient_transformation
 
 # Every registered method factory, under its registry name (``jmtl.upgrad()``, ...).
 from jmtl.methods.aligned_mtl import aligned_mtl
@@ -84,8 +86,10 @@ __all__ = [
     "solvers",
     "tasks",
     "train",
+    "transform",
     # functions
     "aggregate",
+    "as_gradient_transformation",
     "checked",
     "num_shared",
     "shared_mask",

@@ -24,7 +24,8 @@ import numpy as np
 from jmtl import _checks
 from jmtl import tasks as tasks_lib
 
-__all__ = ["weighted_sum", "uncertainty", "geometric_mean", "log_sum", "UNCERTAINTY_KINDS"]
+__all__ = ["weighted_sum", "uncertainty", "geometric_mean", "log_sum", "gradnorm",
+           "UNCERTAINTY_KINDS"]
 
 #: The kinds accepted by :func:`uncertainty`.
 UNCERTAINTY_KINDS = ("regression", "classification", "log_variance", "revised")
@@ -246,3 +247,112 @@ def log_sum(losses: Any) -> jax.Array:
     """
     lv = _positive_vector(losses, "log_sum")
     return jnp.sum(jnp.log(lv))
+
+
+def check_ratio_losses(values: jax.Array, *, method: str, what: str = "losses",
+                       names: Any = None, where: jax.Array | None = None) -> None:
+    """Losses that enter ratios ``L / L(0)`` must be positive: ``ValueError`` naming the
+    tasks on concrete values, a runtime check under :func:`jmtl.checked` when traced."""
+    if _checks.is_concrete(values) and (where is None or _checks.is_concrete(where)):
+        arr = np.asarray(values, dtype=float)
+        mask = np.ones(arr.shape, bool) if where is None else np.asarray(where, bool)
+        bad = np.flatnonzero(~(arr > 0) & mask)
+        if bad.size:
+            nm = names if names is not None else [f"task {i}" for i in range(arr.shape[0])]
+            tasks = ", ".join(f"{nm[i]}={float(arr[i])!r}" for i in bad)
+            raise ValueError(f"{method}: {what} must be positive (they enter the loss ratios "
+                             f"L_i / L_i(0)); got {tasks}")
+        return
+    ok = values > 0 if where is None else (values > 0) | ~where
+    _checks.runtime_check(jnp.all(ok), f"{method}: {what} must be positive (loss ratios)")
+
+
+def gradnorm_loss(weights: jax.Array, grad_norms: jax.Array, losses: jax.Array,
+                  initial_losses: jax.Array, alpha: Any = 1.5,
+                  mask: jax.Array | None = None) -> jax.Array:
+    """:func:`gradnorm` on stacked ``(K,)`` vectors, restricted to ``mask`` (internal).
+
+    Tasks outside ``mask`` are left out of the means and of the sum. A ratio whose
+    ``L_i(0)`` is not positive is taken as 1 and negative ratios as 0 (traced inputs;
+    concrete ones are checked by :func:`gradnorm`).
+    """
+    dtype = jnp.result_type(jnp.float32, weights.dtype, grad_norms.dtype, losses.dtype)
+    if mask is None:
+        mask = jnp.ones(weights.shape, bool)
+    w = weights.astype(dtype)
+    # Only the weights are trained by this loss: the norms and losses are constants.
+    n = jax.lax.stop_gradient(jnp.abs(grad_norms.astype(dtype)))
+    lv = jax.lax.stop_gradient(losses.astype(dtype))
+    l0 = jax.lax.stop_gradient(initial_losses.astype(dtype))
+    count = jnp.maximum(jnp.sum(mask), 1).astype(dtype)
+    ratio = jnp.where(l0 > 0, lv / jnp.where(l0 > 0, l0, 1), 1)
+    ratio = jnp.where(mask, jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 0), 0)
+    mean_ratio = jnp.sum(ratio) / count
+    r = jnp.where(mean_ratio > 0, ratio / jnp.where(mean_ratio > 0, mean_ratio, 1), 1)
+    g = jnp.where(mask, w * n, 0)
+    g_mean = jnp.sum(g) / count
+    target = jax.lax.stop_gradient(g_mean * r ** jnp.asarray(alpha, dtype))
+    return jnp.sum(jnp.where(mask, jnp.abs(g - target), 0))
+
+
+def gradnorm(weights: Any, grad_norms: Any, losses: Any, initial_losses: Any,
+             alpha: Any = 1.5) -> jax.Array:
+    """The GradNorm loss of the task weights (Chen et al., 2018).
+
+    ``sum_i |w_i n_i - T_i|`` with the target ``T_i = stop_gradient(mean_j(w_j n_j) r_i^α)``
+    and the relative inverse training rates ``r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))``.
+    ``n_i`` is the norm of task ``i``'s *unweighted* gradient on the chosen shared layer
+    (so ``w_i n_i`` is the norm of the weighted gradient). Only ``w`` gets a gradient:
+    ``∂/∂w_i = sign(w_i n_i - T_i) n_i``. Train the weights with their own optax optimizer
+    on this loss and renormalise them to sum to ``K`` after each step, as in the paper.
+
+    Args:
+      weights: ``{task: w_i}`` (any pytree of scalars) or a ``(K,)`` array.
+      grad_norms: ``{task: n_i}``, same tasks; treated as constants (``|n_i|`` is used).
+      losses: ``{task: L_i}`` at this step, same tasks; constants.
+      initial_losses: ``{task: L_i(0)}``, same tasks; constants (the first loss of each
+        task, or a mean over a first epoch).
+      alpha: the asymmetry ``α`` (paper: 1.5); a number or a scalar array.
+
+    Returns:
+      The scalar GradNorm loss.
+
+    Raises:
+      ValueError: the task sets differ (the message names the missing and extra tasks),
+        or, with concrete values and ``α != 0``, a loss or an initial loss is not positive
+        (the ratios ``L_i / L_i(0)`` need positive losses). Under ``jit`` that check runs
+        under :func:`jmtl.checked`; unchecked, a non-positive ``L_i(0)`` gives ratio 1 and
+        a negative ratio counts as 0.
+
+    Examples:
+      >>> import jax, jmtl
+      >>> w, n = {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 3.0}
+      >>> L = {"a": 1.0, "b": 1.0}
+      >>> float(jmtl.objectives.gradnorm(w, n, L, L))  # targets 2: |1 - 2| + |3 - 2|
+      2.0
+      >>> g = jax.grad(jmtl.objectives.gradnorm)(w, n, L, L)
+      >>> float(g["a"]), float(g["b"])  # sign(w n - T) n
+      (-1.0, 3.0)
+
+    References:
+      Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for
+      Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018.
+    """
+    fn = "gradnorm"
+    args = {"weights": weights, "grad_norms": grad_norms, "losses": losses,
+            "initial_losses": initial_losses}
+    trees = [(k, v) for k, v in args.items() if not _is_array(v)]
+    for k, v in trees[1:]:
+        tasks_lib.check_same_tasks(trees[0][1], v, what_a=f"`{trees[0][0]}`", what_b=f"`{k}`",
+                                   method=fn)
+    vecs = {k: _stack(v, f"{fn}: `{k}`") for k, v in args.items()}
+    shapes = {k: v.shape for k, v in vecs.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"{fn}: the arguments have different numbers of tasks: "
+                         + ", ".join(f"`{k}` {list(_names(args[k]))}" for k in shapes))
+    if not (_checks.is_concrete(alpha) and float(np.asarray(alpha)) == 0.0):
+        names = _names(weights if not _is_array(weights) else losses)
+        for k in ("losses", "initial_losses"):
+            check_ratio_losses(vecs[k], method=fn, what=k, names=names)
+    return gradnorm_loss(vecs["weights"], vecs["grad_norms"], vecs["losses"],
+                         vecs["initial_losses"], alpha)

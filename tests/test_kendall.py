@@ -44,6 +44,16 @@ def test_learned_sigmas_match_true_noise(toy):
     assert w["y1"] < w["y2"] / 50
 
 
+def test_uw_method_in_the_engine_reaches_the_same_sigmas(toy):
+    """jmtl.uw() with its default optimizer (state-held Adam) finds σ = (10, 1) too."""
+    _, state, history = toy.train_method(steps=1000, seed=0)
+    sigma = history[-1]
+    assert sigma[0] == pytest.approx(10.0, rel=0.05)
+    assert sigma[1] == pytest.approx(1.0, rel=0.05)
+    # monotone approach: σ_1 never overshoots its target by more than 5%
+    assert history[:, 0].max() <= 10.5 and np.all(np.isfinite(history))
+
+
 def test_example_runs_fast(toy, tmp_path, capsys):
     out = tmp_path / "sub" / "toy.png"
     sigma = toy.main(["--fast", "--out", str(out)])

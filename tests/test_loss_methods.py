@@ -66,9 +66,36 @@ def _softmax(x, mask=None):
 # ----------------------------------------------------------------------------- references
 
 
+class NpAdam:
+    """float64 numpy Adam (PyTorch/optax constants) on ``(K,)`` parameters, written from
+    Kingma & Ba (2015): per-task moments frozen for masked-out tasks, one shared step
+    counter that advances when some task is updated; optional coupled L2 decay and
+    element-wise gradient clipping (``optax.clip``)."""
+
+    def __init__(self, k, lr, decay=0.0, clip=None):
+        self.m, self.v, self.t = np.zeros(k), np.zeros(k), 0
+        self.lr, self.decay, self.clip = lr, decay, clip
+
+    def step(self, x, g, valid):
+        if not valid.any():
+            return x
+        self.t += 1
+        g = g + self.decay * x
+        if self.clip is not None:
+            g = np.clip(g, -self.clip, self.clip)
+        m = 0.9 * self.m + 0.1 * g
+        v = 0.999 * self.v + 0.001 * g * g
+        self.m, self.v = np.where(valid, m, self.m), np.where(valid, v, self.v)
+        mh = self.m / (1 - 0.9 ** self.t)
+        vh = self.v / (1 - 0.999 ** self.t)
+        return np.where(valid, x - self.lr * mh / (np.sqrt(vh) + 1e-8), x)
+
+
 def ref_uw(losses_seq, present_seq, lr, kind):
+    """UW with its default optimizer: Adam(lr) on the gradient clipped to [-1, 1]."""
     k = losses_seq.shape[1]
     s = np.zeros(k)
+    adam = NpAdam(k, lr, clip=1.0)
     out = []
     for L, p in zip(losses_seq, present_seq, strict=True):
         a = 1.0 if kind in ("log_variance", "classification") else 0.5
@@ -76,7 +103,7 @@ def ref_uw(losses_seq, present_seq, lr, kind):
         e = np.exp(-s) * L
         g = {"log_variance": 1 - e, "regression": 0.5 - 0.5 * e, "classification": 0.5 - e,
              "revised": 1 / (1 + np.exp(-s)) - 0.5 * e}[kind]
-        s = np.where(p, s - lr * g, s)
+        s = adam.step(s, g, p)
     return np.stack(out), s
 
 
@@ -111,27 +138,19 @@ def ref_si(L, p):
 
 
 class RefFAMO:
-    """numpy FAMO: logits, torch-style Adam with coupled weight decay."""
+    """numpy FAMO: logits, torch-style Adam with coupled weight decay (official code)."""
 
     def __init__(self, k, gamma=1e-3, lr=0.025, eps=1e-8):
         self.xi = np.zeros(k)
-        self.m = np.zeros(k)
-        self.v = np.zeros(k)
-        self.t = np.zeros(k)
+        self.adam = NpAdam(k, lr, decay=gamma)
         self.prev = None
         self.prev_p = np.zeros(k, bool)
-        self.gamma, self.lr, self.eps = gamma, lr, eps
+        self.eps = eps
 
     def _adam(self, delta, valid):
         z = _softmax(self.xi, valid) if valid.any() else np.zeros_like(self.xi)
-        g = z * (delta - np.sum(z * delta)) + self.gamma * self.xi
-        for i in np.flatnonzero(valid):
-            self.t[i] += 1
-            self.m[i] = 0.9 * self.m[i] + 0.1 * g[i]
-            self.v[i] = 0.999 * self.v[i] + 0.001 * g[i] ** 2
-            mh = self.m[i] / (1 - 0.9 ** self.t[i])
-            vh = self.v[i] / (1 - 0.999 ** self.t[i])
-            self.xi[i] -= self.lr * mh / (np.sqrt(vh) + 1e-8)
+        g = z * (delta - np.sum(z * delta))
+        self.xi = self.adam.step(self.xi, g, valid)
 
     def step(self, L, p):
         if self.prev is not None:
@@ -188,10 +207,10 @@ def test_uw_reference(kind):
 
 
 def test_uw_fixed_point_is_inverse_loss():
-    m = jmtl.uw(lr=0.2)
-    L = np.tile([[0.5, 4.0]], (200, 1))
+    m = jmtl.uw()
+    L = np.tile([[0.5, 4.0]], (600, 1))
     ws, _ = _run(m, L, jit=True)
-    np.testing.assert_allclose(ws[-1], 1 / L[0], rtol=1e-4)
+    np.testing.assert_allclose(ws[-1], 1 / L[0], rtol=1e-3)
 
 
 @pytest.mark.parametrize("period", [1, 3])
@@ -535,7 +554,7 @@ def test_weighted_method():
     np.testing.assert_allclose(w, [2.0, 0.5])
     w, _ = m.update(Inputs(jnp.array([True, False])), m.init(2))
     np.testing.assert_allclose(w, [2.0, 0.0])
-    assert dict(m.hparams)["weights"] == (2.0, 0.5)
+    assert dict(m.hparams)["weights"] == {"b": 0.5, "a": 2.0}  # as given
     with pytest.raises(TypeError, match="needs `weights`"):
         jmtl.weighted()
     with pytest.raises(ValueError, match="finite"):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -196,8 +197,34 @@ def _validated(method: Method) -> Method:
     return method
 
 
+def _guarded_init(name: str, init: Callable[..., Any]) -> Callable[..., Any]:
+    """``init`` raising a clear TypeError when given parameters instead of a task count.
+
+    A Method is a NamedTuple with ``init``/``update``, so ``optax.chain`` accepts it as a
+    transformation; its first call, ``init(params)``, fails here naming the adapter.
+    """
+    if getattr(init, "_jmtl_guarded", False):
+        return init
+
+    @functools.wraps(init)
+    def guarded(num_tasks, *args, **kwargs):
+        try:
+            operator.index(num_tasks)
+        except TypeError:
+            raise TypeError(
+                f"method '{name}': init(num_tasks) takes the number of tasks, got "
+                f"{type(num_tasks).__name__}. A jmtl Method is not an optax "
+                f"GradientTransformation: inside optax.chain use "
+                f"jmtl.as_gradient_transformation(method, num_tasks=K).") from None
+        return init(num_tasks, *args, **kwargs)
+
+    guarded._jmtl_guarded = True
+    return guarded
+
+
 def _method_new(cls, name, init, update, needs, output=WEIGHTS, weights_task_specific=True,
                 hparams=(), properties=frozenset()):
+    init = _guarded_init(name, init)
     self = tuple.__new__(cls, (name, init, update, frozenset(needs), output,
                                weights_task_specific, tuple(hparams), frozenset(properties)))
     return _validated(self)
@@ -214,7 +241,9 @@ def register(name: str, *, properties: tuple[str, ...] | frozenset = ()
     """Decorator registering a method factory under ``name``.
 
     The factory's bound arguments (defaults applied) become the method's ``hparams``, and
-    ``properties`` its declared properties.
+    ``properties`` its declared properties. Continuous hyperparameters (arguments whose
+    default is a float) accept a number, a numeric array or an optax schedule; see
+    :mod:`jmtl.methods._schedule` (schedules are evaluated at the method's step count).
 
     Args:
       name: the registry name.
@@ -242,7 +271,13 @@ def register(name: str, *, properties: tuple[str, ...] | frozenset = ()
         cache: dict[tuple, Method] = {}
 
         def make(bound: inspect.BoundArguments) -> Method:
-            method = fn(*bound.args, **bound.kwargs)
+            from jmtl.methods import _schedule  # noqa: PLC0415 (it imports this module)
+
+            schedules = _schedule.check_hparams(name, signature, bound)
+            if schedules:  # continuous hyperparameters given as schedules of the step count
+                method = _schedule.scheduled(name, fn, signature, bound, schedules)
+            else:
+                method = fn(*bound.args, **bound.kwargs)
             if isinstance(method, Method):
                 method = method._replace(hparams=tuple(bound.arguments.items()),
                                          properties=frozenset(properties))

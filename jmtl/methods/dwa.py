@@ -7,7 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jmtl.methods import base
+from jmtl.methods import _schedule, base
+from jmtl.methods import uw as uw_lib
 
 __all__ = ["dwa", "DWAState"]
 
@@ -51,8 +52,13 @@ def dwa(T: float = 2.0, period: int = 1) -> base.Method:  # noqa: N803 (the pape
     the present tasks and is scaled by their number ``K_present`` (the paper's ``K``
     when every task is present).
 
+    Losses must be non-negative (the ratios of negative losses have no meaning as rates
+    of decrease): concrete negative losses raise a ``ValueError``; under ``jit`` the check
+    runs under :func:`jmtl.checked`, and unchecked they are recorded as 0 (a ratio with a
+    zero denominator counts as 1).
+
     Args:
-      T: softmax temperature (paper: 2).
+      T: softmax temperature (paper: 2); a number, scalar array or optax schedule.
       period: number of ``update`` calls averaged into one loss-history entry.
 
     Returns:
@@ -74,8 +80,7 @@ def dwa(T: float = 2.0, period: int = 1) -> base.Method:  # noqa: N803 (the pape
     References:
       Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019.
     """
-    if not T > 0:
-        raise ValueError(f"method 'dwa': temperature T must be positive, got {T}")
+    _schedule.check_value("dwa", "temperature T", T, lambda x: x > 0, "positive")
     if int(period) != period or period < 1:
         raise ValueError(f"method 'dwa': period must be a positive integer, got {period}")
     period = int(period)
@@ -90,8 +95,15 @@ def dwa(T: float = 2.0, period: int = 1) -> base.Method:  # noqa: N803 (the pape
 
     def update(inputs: base.Inputs, state: DWAState) -> tuple[jax.Array, DWAState]:
         present = inputs.present
+        if not isinstance(state, DWAState) or state.last.shape != present.shape:
+            got = (f"a state for {state.last.shape[0]} tasks" if isinstance(state, DWAState)
+                   else type(state).__name__)
+            raise ValueError(f"method 'dwa': expected a DWAState for {present.shape[0]} tasks, "
+                             f"got {got}")
+        uw_lib.check_nonnegative("dwa", inputs.losses, present,
+                                 "DWA's weights come from the ratios of successive losses")
         dtype = jnp.result_type(inputs.losses.dtype, state.last.dtype)
-        losses = jnp.where(present, inputs.losses.astype(dtype), 0.0)
+        losses = jnp.where(present, jnp.maximum(inputs.losses.astype(dtype), 0.0), 0.0)
         last = state.last.astype(dtype)
         before = state.before_last.astype(dtype)
 
@@ -124,4 +136,4 @@ def dwa(T: float = 2.0, period: int = 1) -> base.Method:  # noqa: N803 (the pape
         return weights, new_state
 
     return base.Method(name="dwa", init=init, update=update, needs=frozenset({base.LOSSES}),
-                       weights_task_specific=True, hparams=(("T", T), ("period", period)))
+                       weights_task_specific=True)

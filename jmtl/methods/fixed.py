@@ -17,7 +17,7 @@ from jmtl.methods import base
 __all__ = ["ew", "weighted", "mean", "sum_"]
 
 
-def _constant(name: str, weight_fn, *, weights_task_specific: bool, hparams=()) -> base.Method:
+def _constant(name: str, weight_fn, *, weights_task_specific: bool) -> base.Method:
     init = base.stateless_init
 
     def update(inputs: base.Inputs, state: base.EmptyState):
@@ -25,7 +25,7 @@ def _constant(name: str, weight_fn, *, weights_task_specific: bool, hparams=()) 
         return weight_fn(present).astype(jnp.float32), state
 
     return base.Method(name=name, init=init, update=update, needs=frozenset(),
-                       weights_task_specific=weights_task_specific, hparams=hparams)
+                       weights_task_specific=weights_task_specific)
 
 
 @base.register("ew")
@@ -80,8 +80,7 @@ def weighted(weights: Sequence[float] | Any = None) -> base.Method:
                 f"method 'weighted': {w.shape[0]} weights given for {present.shape[0]} tasks")
         return jnp.where(present, jnp.asarray(w), 0.0)
 
-    return _constant("weighted", weight_fn, weights_task_specific=True,
-                     hparams=(("weights", tuple(w.tolist())),))
+    return _constant("weighted", weight_fn, weights_task_specific=True)
 
 
 @base.register("mean")

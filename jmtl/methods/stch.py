@@ -10,7 +10,7 @@ import numpy as np
 
 from jmtl import _checks
 from jmtl import tasks as tasks_lib
-from jmtl.methods import base
+from jmtl.methods import _schedule, base
 
 __all__ = ["stch", "STCHState"]
 
@@ -62,7 +62,8 @@ def stch(mu: float = 1.0, preference: Any = None, warmup_steps: int = 0,
     ``K`` is the number of present tasks.
 
     Args:
-      mu: smoothing parameter ``μ > 0`` (the authors' and LibMTL's default: 1).
+      mu: smoothing parameter ``μ > 0`` (the authors' and LibMTL's default: 1); a number,
+        scalar array or optax schedule.
       preference: ``λ``, positive, as a ``(K,)`` sequence or ``{task: value}``; default
         all ones (LibMTL's implementation; the paper's uniform ``λ_i = 1/K`` is the same
         up to rescaling ``μ`` by ``K``).
@@ -87,8 +88,7 @@ def stch(mu: float = 1.0, preference: Any = None, warmup_steps: int = 0,
       Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff Scalarization for
       Multi-Objective Optimization", ICML 2024.
     """
-    if not mu > 0:
-        raise ValueError(f"method 'stch': mu must be positive, got {mu}")
+    _schedule.check_value("stch", "mu", mu, lambda x: x > 0, "positive")
     for nm, v in (("warmup_steps", warmup_steps), ("nadir_steps", nadir_steps)):
         if int(v) != v or v < 0:
             raise ValueError(f"method 'stch': {nm} must be a non-negative integer, got {v}")
@@ -102,7 +102,6 @@ def stch(mu: float = 1.0, preference: Any = None, warmup_steps: int = 0,
         if not np.all(np.isfinite(pref) & (pref > 0)):
             raise ValueError(f"method 'stch': preference must be positive and finite, got "
                              f"{pref.tolist()}")
-    hp_pref = None if pref is None else tuple(pref.tolist())
 
     def init(num_tasks: int, dim: int | None = None) -> STCHState:
         del dim
@@ -115,6 +114,10 @@ def stch(mu: float = 1.0, preference: Any = None, warmup_steps: int = 0,
     def update(inputs: base.Inputs, state: STCHState) -> tuple[jax.Array, STCHState]:
         present = inputs.present
         k = present.shape[0]
+        if not isinstance(state, STCHState) or state.nadir_sum.shape != (k,):
+            got = (f"a state for {state.nadir_sum.shape[0]} tasks"
+                   if isinstance(state, STCHState) else type(state).__name__)
+            raise ValueError(f"method 'stch': expected an STCHState for {k} tasks, got {got}")
         if pref is not None and pref.shape[0] != k:
             raise ValueError(f"method 'stch': {pref.shape[0]} preferences for {k} tasks")
         dtype = jnp.result_type(inputs.losses.dtype, state.nadir_sum.dtype)
@@ -151,6 +154,4 @@ def stch(mu: float = 1.0, preference: Any = None, warmup_steps: int = 0,
                                   nadir_count=nadir_count)
 
     return base.Method(name="stch", init=init, update=update, needs=frozenset({base.LOSSES}),
-                       weights_task_specific=True,
-                       hparams=(("mu", mu), ("preference", hp_pref),
-                                ("warmup_steps", warmup_steps), ("nadir_steps", nadir_steps)))
+                       weights_task_specific=True)
