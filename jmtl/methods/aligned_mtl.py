@@ -13,7 +13,8 @@ __all__ = ["aligned_mtl"]
 _SCALE_MODES = ("min", "median", "rmse")
 
 
-@base.register("aligned_mtl")
+@base.register("aligned_mtl", properties=(
+    "permutation_equivariant", "scale_invariant", "jit_consistent", "finite", "absent_tasks"))
 def aligned_mtl(scale_mode: str = "min") -> base.Method:
     """Aligned-MTL: make the task gradients orthogonal with equal norms, then sum them.
 

@@ -11,7 +11,9 @@ from jmtl.solvers import eigen
 __all__ = ["config"]
 
 
-@base.register("config")
+@base.register("config", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks"))
 def config() -> base.Method:
     """ConFIG: the direction with equal cosine to every task gradient, rescaled.
 

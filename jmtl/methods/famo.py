@@ -95,7 +95,9 @@ def _logit_step(state: FAMOState, log_loss: jax.Array, valid: jax.Array, *, w_lr
     )
 
 
-@base.register("famo")
+@base.register("famo", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks", "state_pytree"))
 def famo(gamma: float = 1e-3, w_lr: float = 0.025, min_losses: Any = 0.0,
          eps: float = 1e-8) -> base.Method:
     """FAMO: balanced loss decrease from the loss values alone, O(1) per step.

@@ -104,7 +104,9 @@ def _normalise(v: jax.Array, factors: jax.Array) -> jax.Array:
     return jnp.where(ok, v / jnp.where(ok, den, 1.0), 0.0)
 
 
-@base.register("imtl_l")
+@base.register("imtl_l", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks", "state_pytree"))
 def imtl_l(lr: float = 1e-2) -> base.Method:
     """IMTL-L: learnable loss scales that keep every scaled loss at 1.
 
@@ -166,7 +168,8 @@ def imtl_l(lr: float = 1e-2) -> base.Method:
                        weights_task_specific=True, hparams=(("lr", lr),))
 
 
-@base.register("imtl_g")
+@base.register("imtl_g", properties=(
+    "permutation_equivariant", "scale_invariant", "jit_consistent", "finite", "absent_tasks"))
 def imtl_g() -> base.Method:
     """IMTL-G: the combination of the task gradients with equal projections on all of them.
 
@@ -211,7 +214,9 @@ def imtl_g() -> base.Method:
                        weights_task_specific=False, hparams=())
 
 
-@base.register("imtl")
+@base.register("imtl", properties=(
+    "permutation_equivariant", "scale_invariant", "jit_consistent", "finite", "absent_tasks",
+    "state_pytree"))
 def imtl(lr: float = 1e-2) -> base.Method:
     """IMTL: IMTL-L's loss scales followed by IMTL-G on the scaled gradients (the paper's
     full method, "IMTL" in its tables).

@@ -23,7 +23,9 @@ class UWState(NamedTuple):
     log_vars: jax.Array
 
 
-@base.register("uw")
+@base.register("uw", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks", "state_pytree"))
 def uw(lr: float = 1e-2, kind: str = "log_variance", init_log_var: float = 0.0
        ) -> base.Method:
     """Uncertainty weighting: learn one homoscedastic noise scale per task.
