@@ -24,6 +24,7 @@ Examples:
   >>> jmtl.testing.check_method(first, properties=("finite", "jit_consistent"))
   ('jit_consistent', 'finite')
   >>> jmtl.testing.check_method(first, properties="permutation_equivariant")
+  ... # doctest: +ELLIPSIS
   Traceback (most recent call last):
   ...
   AssertionError: jmtl.first_task() fails property 'permutation_equivariant' ...

@@ -137,8 +137,9 @@ def _degenerate_cases(h: _Harness) -> list[tuple[str, np.ndarray]]:
         cases.append(("rank 1 (rows along one direction, both signs)", rank1))
     for s in _scales(h.dtype, 10.0):
         cases.append((f"random * {s:g}", j * s))
-    if k >= 2:
-        lo, hi = _scales(h.dtype, 10.0)[0], _scales(h.dtype, 10.0)[-1]
+    scales = _scales(h.dtype, 10.0)
+    if k >= 2 and len(scales) >= 2:
+        lo, hi = scales[0], scales[-1]
         mixed = j.copy()
         mixed[0] *= lo
         mixed[1] *= hi
@@ -189,7 +190,8 @@ def _permutation_equivariant(h: _Harness) -> None:
     if k < 2:
         return
     seq = h.sequence()
-    for perm_name, p in (("reversed", np.arange(k)[::-1]), ("rolled by 1", np.roll(np.arange(k), 1))):
+    perms = (("reversed", np.arange(k)[::-1]), ("rolled by 1", np.roll(np.arange(k), 1)))
+    for perm_name, p in perms:
         s0, s1 = h.init(), h.init()
         for t, (jac, losses) in enumerate(seq):
             key = h.key(t)
@@ -246,7 +248,7 @@ def _linear_under_scaling(h: _Harness) -> None:
     """``A(diag(a c1 + b c2) J) = a A(diag(c1) J) + b A(diag(c2) J)`` for c1, c2 > 0."""
     rng = h.rng
     seq = h.sequence()
-    for trial in range(2):
+    for _ in range(2):
         c1, c2 = rng.uniform(0.1, 10.0, (2, h.k))
         a, b = rng.uniform(0.2, 5.0, 2)
         runs = zip(_run_sequence(h, seq, c1), _run_sequence(h, seq, c2),
@@ -483,12 +485,12 @@ def check_method(method: base.Method, *, num_tasks: int = 3,
     Examples:
       >>> import jmtl
       >>> from jmtl.testing import check_method
-      >>> check_method(jmtl.upgrad(), properties=("non_conflicting", "finite"))
+      >>> check_method(jmtl.mgda(), properties=("non_conflicting", "finite"))
       ('non_conflicting', 'finite')
-      >>> check_method(jmtl.mean(), properties="non_conflicting")
+      >>> check_method(jmtl.mean(), properties="non_conflicting")  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      AssertionError: jmtl.mean() fails property 'non_conflicting' on input 'random #0' ...
+      AssertionError: jmtl.mean() fails property 'non_conflicting' on input 'row 1 nearly ...
     """
     if properties is None:
         properties = method.properties
