@@ -5,8 +5,9 @@ Hypothesis profiles (``--hypothesis-profile NAME``):
 * ``ci`` (the default): 25 examples per test, derandomised, so every run (CI, the README
   command) draws the same inputs.
 * ``dev``: 200 examples per test with random seeds, for a developer hunting
-  counter-examples: ``python -m pytest -m "not slow" --hypothesis-profile dev``.
-  A failure prints the ``@reproduce_failure``/seed to replay it.
+  counter-examples, e.g. ``python -m pytest --hypothesis-profile dev
+  tests/test_methods_qp.py tests/test_properties.py``. A failure prints the
+  ``@reproduce_failure`` blob that replays it.
 """
 
 import os

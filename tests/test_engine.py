@@ -661,6 +661,7 @@ def test_shared_errors_name_the_rule_or_path():
                            norm_params="trunk/nope")(params, PROBES["norms"].init(K), x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["upgrad", "pcgrad", "gradnorm"])
 def test_features_mode_auto_chunk_equals_unchunked(name):
     """The default features-mode chunking (K > AUTO_FEATURES_CHUNK) changes no number."""
