@@ -58,7 +58,10 @@ class _Harness:
 
     # ------------------------------------------------------------------ inputs
     def init(self):
-        return self.method.init(self.k, dim=self.d)
+        try:
+            return self.method.init(self.k, dim=self.d)
+        except TypeError:  # a user's ``init(num_tasks)`` without ``dim``
+            return self.method.init(self.k)
 
     def random_jacobian(self) -> np.ndarray:
         return self.rng.standard_normal((self.k, self.d))
