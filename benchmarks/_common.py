@@ -21,6 +21,7 @@ import numpy as np
 
 import jmtl
 from jmtl.methods import base
+from jmtl.testing import example_hparams
 
 # The module that packs a method's inputs (``method_inputs``).
 agg_lib = importlib.import_module("jmtl._method_call")
@@ -114,14 +115,8 @@ def paired_median_ms(fn: Callable[[], Any], base: Callable[[], Any], *, repeats:
 
 
 def method_kwargs(name: str, k: int) -> dict:
-    """Hyperparameters a method cannot be built without (``weighted`` needs weights)."""
-    if name == "weighted":
-        return {"weights": [1.0 / k] * k}
-    if name == "krum":
-        return {"n_byzantine": max((k - 3) // 2, 0) if k >= 3 else 0}
-    if name == "trimmed_mean":
-        return {"trim_number": (k - 1) // 4}
-    return {}
+    """Hyperparameters a method cannot be built without: :func:`jmtl.testing.example_hparams`."""
+    return example_hparams(name, k)
 
 
 def build_method(name: str, k: int, dim: int | None = None) -> tuple[base.Method, Any]:

@@ -61,11 +61,12 @@ from jmtl.methods.uw import uw
 
 
 def __getattr__(name):
-    # ``jmtl.nn`` needs flax (an optional extra), so it is imported on first use.
-    if name == "nn":
+    # ``jmtl.nn`` needs flax (an optional extra) and ``jmtl.testing`` chex (a test
+    # dependency), so they are imported on first use.
+    if name in ("nn", "testing"):
         import importlib
 
-        return importlib.import_module("jmtl.nn")
+        return importlib.import_module(f"jmtl.{name}")
     raise AttributeError(f"module 'jmtl' has no attribute {name!r}")
 
 
@@ -85,6 +86,7 @@ __all__ = [
     "optim",
     "solvers",
     "tasks",
+    "testing",
     "train",
     "transform",
     # functions

@@ -31,6 +31,7 @@ def _load(path) -> dict:
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_speed_quick(tmp_path):
     _run("speed.py", tmp_path, "--quick", "--methods", "ew", "mean", "imtl_g",
          "--parts", "step", "solver", "memory", "torchjd", "--repeats", "2")
@@ -45,6 +46,7 @@ def test_speed_quick(tmp_path):
     assert (tmp_path / "speed.md").exists() and (tmp_path / "speed.png").exists()
 
 
+@pytest.mark.slow
 def test_pareto_toy_quick(tmp_path):
     _run("pareto_toy.py", tmp_path, "--quick", "--steps", "100", "--methods", "ew", "mean",
          "pcgrad")
@@ -55,6 +57,7 @@ def test_pareto_toy_quick(tmp_path):
     assert (tmp_path / "pareto_toy.png").exists()
 
 
+@pytest.mark.slow
 def test_gradnorm_toy_quick(tmp_path):
     _run("gradnorm_toy.py", tmp_path, "--quick", "--steps", "50")
     result = _load(tmp_path / "gradnorm_toy.json")
@@ -65,6 +68,7 @@ def test_gradnorm_toy_quick(tmp_path):
     assert sum(by_name["gradnorm"]["final_weights"]) == pytest.approx(2.0, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_multi_digit_quick(tmp_path):
     _run("multi_digit.py", tmp_path, "--quick", "--steps", "50", "--methods", "ew",
          "imtl_g")

@@ -18,6 +18,7 @@ import pytest
 import jmtl
 from jmtl.engine import num_shared, shared_mask, value_and_mtl_grad
 from jmtl.methods import base
+from jmtl.testing import build_example
 
 K = 3
 NAMES = ("a", "b", "c")
@@ -66,16 +67,9 @@ D_SHARED = D_IN * H1 + H1 + H1 * H2 + H2
 D_FEATURES = BATCH * H2
 
 
-# Hyperparameters without a default, for the methods that have some.
-REQUIRED_HPARAMS = {"weighted": {"weights": [1.0, 0.5, 2.0]}, "krum": {"n_byzantine": 0},
-                    "trimmed_mean": {"trim_number": 1}}
-
-
 def build_method(name):
-    try:
-        return jmtl.methods.get(name, **REQUIRED_HPARAMS.get(name, {}))
-    except TypeError as err:  # a method added later with a required hyperparameter
-        pytest.skip(f"method '{name}' needs hyperparameters unknown to this test: {err}")
+    # Fails (never skips) when a method cannot be built with the shared example table.
+    return build_example(name, 3)
 
 
 # ------------------------------------------------------------------ probe methods
@@ -669,6 +663,7 @@ def test_shared_errors_name_the_rule_or_path():
                            norm_params="trunk/nope")(params, PROBES["norms"].init(K), x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["upgrad", "pcgrad", "gradnorm"])
 def test_features_mode_auto_chunk_equals_unchunked(name):
     """The default features-mode chunking (K > AUTO_FEATURES_CHUNK) changes no number."""

@@ -23,6 +23,7 @@ def test_examples_found():
     assert {"quickstart.py", "uncertainty_toy.py"} <= names, names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_runs_fast(script, tmp_path):
     source = script.read_text()

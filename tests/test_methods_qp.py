@@ -104,6 +104,7 @@ def _project_ref(jac, u):
     return best
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k,d", [(3, 5), (4, 4), (5, 2)])
 def test_upgrad_and_dualproj_against_brute_force(k, d):
     rng = np.random.default_rng(k + 10 * d)
@@ -154,6 +155,7 @@ def test_cagrad_kkt_float64():
         assert lam > 0
 
 
+@pytest.mark.slow
 def test_cagrad_special_cases():
     jac = np.array([[1.0, 0.0], [0.0, 1.0]])
     w, _ = weights("cagrad", jac, c=0.0)
@@ -209,6 +211,7 @@ def jacobians(draw):
     return (jac * scale).astype(np.float32)
 
 
+@pytest.mark.slow
 @given(jac=jacobians(), name=st.sampled_from(["mgda", "upgrad", "dualproj", "nash_mtl"]))
 def test_non_conflicting(jac, name):
     w, _ = weights(name, jac)
@@ -298,6 +301,7 @@ def test_jit_equals_no_jit(name):
     np.testing.assert_allclose(w1, w2, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_aggregate_end_to_end_pytree():
     jac = {"a": jnp.array([[1.0, 0.0], [-1.0, 1.0], [0.0, 2.0]]), "b": jnp.ones((3, 1))}
     for name in NAMES:

@@ -422,6 +422,7 @@ def test_global_gradient_scale(name, hp, kind):
         _close(out, s_ref[(1.0, t)], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @given(st.permutations(list(range(K))))
 def test_permutation_equivariance(perm):
     perm = np.asarray(perm)

@@ -39,6 +39,7 @@ def _reference(name):
             for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["upgrad"])
 def test_two_processes_match_one(name, tmp_path):
     port = _free_port()

@@ -298,6 +298,7 @@ def test_cross_stitch_rejects_columns_of_different_depths():
 # ------------------------------------------------------------------------ MTAN
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mtan_conv", "mtan_mlp"])
 def test_mtan_masks_are_sigmoids_over_each_stage(name):
     model, x, _ = _build(name)

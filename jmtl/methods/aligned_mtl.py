@@ -14,7 +14,8 @@ _SCALE_MODES = ("min", "median", "rmse")
 _REDUCTIONS = ("sum", "mean")
 
 
-@base.register("aligned_mtl")
+@base.register("aligned_mtl", properties=(
+    "permutation_equivariant", "scale_invariant", "jit_consistent", "finite", "absent_tasks"))
 def aligned_mtl(scale_mode: str = "min", reduction: str = "sum") -> base.Method:
     """Aligned-MTL: make the task gradients orthogonal with equal norms, then sum them.
 

@@ -122,7 +122,8 @@ def cagrad_weights(gramian: jax.Array, c: float = 0.4, mask: jax.Array | None = 
     return _cagrad_weights_jit(gramian, c, mask, ridge=ridge, max_iter=max_iter)
 
 
-@base.register("cagrad")
+@base.register("cagrad", properties=(
+    "permutation_equivariant", "scale_invariant", "jit_consistent", "finite", "absent_tasks"))
 def cagrad(c: float = 0.4, rescale: int = 1) -> base.Method:
     """CAGrad: the best worst-case update within ``c ||g0||`` of the mean gradient ``g0``.
 

@@ -22,7 +22,9 @@ def _zero_tol(k: int, dtype) -> float:
     return 8.0 * k * float(jnp.finfo(dtype).eps)
 
 
-@base.register("config")
+@base.register("config", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks"))
 def config(solver: str = "gram_qr") -> base.Method:
     """ConFIG: the direction with equal cosine to every task gradient, rescaled.
 

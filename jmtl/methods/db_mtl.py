@@ -52,7 +52,9 @@ def ema_schedule(beta: float, sigma: float, count: jax.Array, dtype) -> jax.Arra
     return beta / t ** sigma
 
 
-@base.register("db_mtl")
+@base.register("db_mtl", properties=(
+    "permutation_equivariant", "scale_invariant", "jit_consistent", "finite", "absent_tasks",
+    "state_pytree"))
 def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8,
            log_heads: bool = True) -> base.Method:
     """DB-MTL: balance loss scales with ``log L`` and gradient magnitudes to the largest.

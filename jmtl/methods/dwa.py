@@ -33,7 +33,9 @@ class DWAState(NamedTuple):
     acc_count: jax.Array
 
 
-@base.register("dwa")
+@base.register("dwa", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks", "state_pytree"))
 def dwa(T: float = 2.0, period: int = 1) -> base.Method:  # noqa: N803 (the paper's name)
     """Dynamic Weight Average: weight tasks by the rate at which their losses fall.
 

@@ -31,7 +31,8 @@ class ExcessMTLState(NamedTuple):
     seen: jax.Array
 
 
-@base.register("excess_mtl")
+@base.register("excess_mtl", properties=(
+    "permutation_equivariant", "jit_consistent", "finite", "absent_tasks", "state_pytree"))
 def excess_mtl(step_size: float = 1e-2, eps: float = 1e-7) -> base.Method:
     """ExcessMTL: up-weight the tasks with the largest estimated excess risk.
 

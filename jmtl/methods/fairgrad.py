@@ -11,7 +11,9 @@ from jmtl.solvers import alpha_fair
 __all__ = ["fairgrad"]
 
 
-@base.register("fairgrad")
+@base.register("fairgrad", properties=(
+    "non_conflicting", "permutation_equivariant", "scale_invariant", "jit_consistent",
+    "finite", "absent_tasks"))
 def fairgrad(alpha: float = 1.0, max_iter: int = 100, tol: float | None = None
              ) -> base.Method:
     """FairGrad: the update that maximises the α-fair utility of the tasks' improvements.

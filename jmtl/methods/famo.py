@@ -109,7 +109,9 @@ def _logit_step(opt: optax.GradientTransformation, state: FAMOState, log_loss: j
                      pending=state.pending & ~valid)
 
 
-@base.register("famo")
+@base.register("famo", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks", "state_pytree"))
 def famo(gamma: float = 1e-3, w_lr: float = 0.025, min_losses: Any = 0.0,
          eps: float = 1e-8, optimizer: optax.GradientTransformation | None = None
          ) -> base.Method:

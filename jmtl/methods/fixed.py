@@ -28,7 +28,9 @@ def _constant(name: str, weight_fn, *, weights_task_specific: bool) -> base.Meth
                        weights_task_specific=weights_task_specific)
 
 
-@base.register("ew")
+@base.register("ew", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks"))
 def ew() -> base.Method:
     """Equal weighting: minimise the plain sum of the task losses (``w_i = 1``).
 
@@ -49,7 +51,8 @@ def ew() -> base.Method:
     return _constant("ew", lambda p: p.astype(jnp.float32), weights_task_specific=True)
 
 
-@base.register("weighted")
+@base.register("weighted", properties=(
+    "scale_invariant", "linear_under_scaling", "jit_consistent", "finite", "absent_tasks"))
 def weighted(weights: Sequence[float] | Any = None) -> base.Method:
     """Fixed, user-given task weights: minimise ``sum_i w_i L_i``.
 
@@ -83,7 +86,9 @@ def weighted(weights: Sequence[float] | Any = None) -> base.Method:
     return _constant("weighted", weight_fn, weights_task_specific=True)
 
 
-@base.register("mean")
+@base.register("mean", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks"))
 def mean() -> base.Method:
     """The mean of the task gradients (torchjd's ``Mean``): ``w_i = 1 / K_present``.
 
@@ -103,7 +108,9 @@ def mean() -> base.Method:
     return _constant("mean", weight_fn, weights_task_specific=False)
 
 
-@base.register("sum")
+@base.register("sum", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks"))
 def sum_() -> base.Method:
     """The sum of the task gradients (torchjd's ``Sum``): ``w_i = 1``.
 

@@ -14,7 +14,8 @@ from jmtl.methods import base
 __all__ = ["graddrop"]
 
 
-@base.register("graddrop")
+@base.register("graddrop", properties=(
+    "permutation_equivariant", "scale_invariant", "jit_consistent", "finite", "absent_tasks"))
 def graddrop(leak: float | Sequence[float] = 0.0, batch_size: int | None = None
              ) -> base.Method:
     """GradDrop: per coordinate, keep one sign of the task gradients at random.

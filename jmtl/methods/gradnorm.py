@@ -61,7 +61,8 @@ def renormalise_present(new: jax.Array, old: jax.Array, present: jax.Array) -> j
     return jnp.where(present, jnp.where(total > 0, scaled, old), old)
 
 
-@base.register("gradnorm")
+@base.register("gradnorm", properties=(
+    "permutation_equivariant", "jit_consistent", "finite", "absent_tasks", "state_pytree"))
 def gradnorm(alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-6,
              optimizer: optax.GradientTransformation | None = None,
              parameterization: str = "weights", warmup_steps: int = 0) -> base.Method:

@@ -70,7 +70,9 @@ def _gradvac_step(gram, present, orders, target, beta, eps):
     return jnp.where(present[:, None], coef, 0), target
 
 
-@base.register("gradvac")
+@base.register("gradvac", properties=(
+    "scale_invariant", "linear_under_scaling", "jit_consistent", "finite", "absent_tasks",
+    "state_pytree"))
 def gradvac(beta: float = 0.5, eps: float = 1e-8) -> base.Method:
     """Gradient Vaccine: pull each pair of task gradients towards its usual similarity.
 

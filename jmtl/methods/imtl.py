@@ -144,7 +144,9 @@ def imtl_g_weights(gramian: jax.Array, present: jax.Array | None = None) -> jax.
     return _normalise(v, jnp.ones_like(v))
 
 
-@base.register("imtl_l")
+@base.register("imtl_l", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks", "state_pytree"))
 def imtl_l(lr: float = 1e-2, optimizer: optax.GradientTransformation | None = None
            ) -> base.Method:
     """IMTL-L: learnable loss scales that keep every scaled loss at 1.
@@ -206,7 +208,8 @@ def imtl_l(lr: float = 1e-2, optimizer: optax.GradientTransformation | None = No
                        weights_task_specific=True)
 
 
-@base.register("imtl_g")
+@base.register("imtl_g", properties=(
+    "permutation_equivariant", "scale_invariant", "jit_consistent", "finite", "absent_tasks"))
 def imtl_g() -> base.Method:
     """IMTL-G: the combination of the task gradients with equal projections on all of them.
 
@@ -248,7 +251,9 @@ def imtl_g() -> base.Method:
                        weights_task_specific=False)
 
 
-@base.register("imtl")
+@base.register("imtl", properties=(
+    "permutation_equivariant", "scale_invariant", "jit_consistent", "finite", "absent_tasks",
+    "state_pytree"))
 def imtl(lr: float = 1e-2, optimizer: optax.GradientTransformation | None = None,
          heads: str = "scaled") -> base.Method:
     """IMTL: IMTL-L's loss scales followed by IMTL-G on the scaled gradients (the paper's

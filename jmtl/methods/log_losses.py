@@ -42,7 +42,9 @@ def _stateless(name: str, weight_fn) -> base.Method:
                        weights_task_specific=True)
 
 
-@base.register("gls")
+@base.register("gls", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks"))
 def gls() -> base.Method:
     """Geometric loss strategy: minimise the geometric mean of the task losses.
 
@@ -78,7 +80,9 @@ def gls() -> base.Method:
     return _stateless("gls", weight_fn)
 
 
-@base.register("si")
+@base.register("si", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks"))
 def si() -> base.Method:
     """Scale-invariant weighting: minimise ``sum_i log L_i``, i.e. ``w_i = 1 / L_i``.
 

@@ -13,7 +13,9 @@ __all__ = ["mgda"]
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
-@base.register("mgda")
+@base.register("mgda", properties=(
+    "non_conflicting", "permutation_equivariant", "scale_invariant", "jit_consistent",
+    "finite", "absent_tasks"))
 def mgda(normalization: str = "none") -> base.Method:
     """MGDA: weights of the min-norm point of the convex hull of the task gradients.
 

@@ -31,7 +31,8 @@ class MoCoState(NamedTuple):
     step: jax.Array
 
 
-@base.register("moco")
+@base.register("moco", properties=(
+    "permutation_equivariant", "jit_consistent", "finite", "absent_tasks", "state_pytree"))
 def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
          gamma_sigma: float = 0.5, rho: float = 0.0,
          normalize_grads: bool = False) -> base.Method:

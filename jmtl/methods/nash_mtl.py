@@ -27,7 +27,9 @@ class NashMTLState(NamedTuple):
     step: jax.Array
 
 
-@base.register("nash_mtl")
+@base.register("nash_mtl", properties=(
+    "non_conflicting", "permutation_equivariant", "scale_invariant", "jit_consistent",
+    "finite", "absent_tasks", "state_pytree"))
 def nash_mtl(optim_niter: int = 20, max_norm: float = 1.0, update_weights_every: int = 1,
              reg_eps: float = 1e-6) -> base.Method:
     """Nash-MTL: the update that is the Nash bargaining solution between the tasks.

@@ -70,7 +70,8 @@ def _pcgrad_coefficients(gram: jax.Array, present: jax.Array, orders: jax.Array)
     return jnp.where(present[:, None], coef, 0)
 
 
-@base.register("pcgrad")
+@base.register("pcgrad", properties=(
+    "scale_invariant", "linear_under_scaling", "jit_consistent", "finite", "absent_tasks"))
 def pcgrad() -> base.Method:
     """PCGrad: project each task gradient off the gradients it conflicts with.
 

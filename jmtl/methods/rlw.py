@@ -10,7 +10,8 @@ from jmtl.methods import base
 __all__ = ["rlw"]
 
 
-@base.register("rlw")
+@base.register("rlw", properties=(
+    "scale_invariant", "linear_under_scaling", "jit_consistent", "finite", "absent_tasks"))
 def rlw() -> base.Method:
     """Random loss weighting: fresh random weights at every step.
 

@@ -30,7 +30,7 @@ def _empty_init(num_tasks: int, dim: int | None = None) -> base.EmptyState:
     return base.EmptyState()
 
 
-@base.register("krum")
+@base.register("krum", properties=("scale_invariant", "jit_consistent", "finite", "absent_tasks"))
 def krum(n_byzantine: int | None = None, n_selected: int = 1,
          requirement: str = "paper") -> base.Method:
     """(Multi-)Krum: average the ``m`` gradients closest to their ``K - f - 2`` neighbours.
@@ -130,7 +130,8 @@ def krum(n_byzantine: int | None = None, n_selected: int = 1,
                        weights_task_specific=False)
 
 
-@base.register("trimmed_mean")
+@base.register("trimmed_mean", properties=(
+    "permutation_equivariant", "scale_invariant", "jit_consistent", "finite", "absent_tasks"))
 def trimmed_mean(trim_number: int | None = None) -> base.Method:
     """Coordinate-wise trimmed mean: drop the ``t`` largest and ``t`` smallest values of
     every coordinate across tasks and average the rest.

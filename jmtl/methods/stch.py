@@ -29,7 +29,9 @@ class STCHState(NamedTuple):
     nadir_count: jax.Array
 
 
-@base.register("stch")
+@base.register("stch", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks", "state_pytree"))
 def stch(mu: float = 1.0, preference: Any = None, warmup_steps: int = 0,
          nadir_steps: int = 1) -> base.Method:
     """Smooth Tchebycheff scalarisation of the log-losses, normalised by a nadir point.

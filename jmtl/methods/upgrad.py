@@ -70,7 +70,9 @@ def _method(name, pref_vector, norm_eps, reg_eps, weights_fn) -> base.Method:
                                 ("reg_eps", reg_eps)))
 
 
-@base.register("upgrad")
+@base.register("upgrad", properties=(
+    "non_conflicting", "permutation_equivariant", "scale_invariant", "linear_under_scaling",
+    "jit_consistent", "finite", "absent_tasks"))
 def upgrad(pref_vector: Sequence[float] | None = None, norm_eps: float = 0.0,
            reg_eps: float = 1e-4) -> base.Method:
     """UPGrad: project each task gradient onto the dual cone, then average.
@@ -119,7 +121,9 @@ def upgrad(pref_vector: Sequence[float] | None = None, norm_eps: float = 0.0,
     return _method("upgrad", pref_vector, norm_eps, reg_eps, weights_fn)
 
 
-@base.register("dualproj")
+@base.register("dualproj", properties=(
+    "non_conflicting", "permutation_equivariant", "scale_invariant", "jit_consistent",
+    "finite", "absent_tasks"))
 def dualproj(pref_vector: Sequence[float] | None = None, norm_eps: float = 0.0,
              reg_eps: float = 1e-4) -> base.Method:
     """DualProj: project the mean gradient onto the dual cone of the task gradients.

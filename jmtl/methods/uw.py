@@ -53,7 +53,9 @@ def check_nonnegative(name: str, losses: jax.Array, present: jax.Array, why: str
     _checks.runtime_check(jnp.all(safe >= 0), f"{name}: losses must be non-negative")
 
 
-@base.register("uw")
+@base.register("uw", properties=(
+    "permutation_equivariant", "scale_invariant", "linear_under_scaling", "jit_consistent",
+    "finite", "absent_tasks", "state_pytree"))
 def uw(lr: float = 1e-2, kind: str = "log_variance", init_log_var: float = 0.0,
        optimizer: optax.GradientTransformation | None = None) -> base.Method:
     """Uncertainty weighting: learn one homoscedastic noise scale per task.
