@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import optax
 
-from jmtl.aggregate import aggregate
+from jmtl._aggregate import aggregate
 from jmtl.methods import base
 from jmtl.methods._schedule import irprop
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmtl.aggregate import aggregate
+from jmtl._aggregate import aggregate
 from jmtl.methods import base
 
 __all__ = ["check_method", "PROPERTIES"]
