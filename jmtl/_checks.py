@@ -74,13 +74,19 @@ def check_positive(values: jax.Array, *, method: str, what: str = "losses",
     runtime_check(jnp.all(ok), f"{method}: {what} must be positive (log-based method)")
 
 
+def _throw(err) -> None:
+    err.throw()
+
+
 def checked(fn):
     """Wraps ``fn`` so jmtl's runtime input checks raise.
 
     Returns a function with ``fn``'s signature that raises
     ``checkify.JaxRuntimeError`` naming the method when a runtime check fails (NaN or
     non-positive losses given to a log-based method, a non-finite Gramian, ...). It
-    works with ``jax.jit`` inside or outside. The checks are traced only inside
+    works with ``jax.jit`` inside (``checked(jit(f))``: the error is raised when the
+    call returns) or outside (``jit(checked(f))``: raised from a host callback when the
+    step runs, as a ``JaxRuntimeError`` carrying the same message). The checks are traced only inside
     ``checked``: a jitted function that was already traced outside it is reused from
     JAX's cache without them, so wrap a fresh function.
 
@@ -98,7 +104,12 @@ def checked(fn):
             err, out = inner(*args, **kwargs)
         finally:
             _TRACE_CHECKS.reset(token)
-        err.throw()
+        if any(not is_concrete(x) for x in jax.tree_util.tree_leaves(err)):
+            # Inside an outer ``jit``: the error is only known when the step runs, so it
+            # is raised from a host callback (a ``JaxRuntimeError`` carrying the message).
+            jax.debug.callback(_throw, err)
+        else:
+            err.throw()
         return out
 
     return wrapper

@@ -154,9 +154,16 @@ def _check_finite(inputs: base.Inputs, method: str,
 def _guard(ok: jax.Array, new: Any, old: Any) -> Any:
     """``new`` where ``ok``, else ``old`` with its ``skipped`` counter incremented."""
     kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b.astype(a.dtype)), new, old)
-    if hasattr(kept, "_fields") and "skipped" in kept._fields:
-        kept = kept._replace(skipped=old.skipped + jnp.where(ok, 0, 1).astype(
-            old.skipped.dtype))
+    return _count_skipped(kept, old, ok)
+
+
+def _count_skipped(kept: Any, old: Any, ok: jax.Array) -> Any:
+    fields = getattr(kept, "_fields", ())
+    if "skipped" in fields:
+        inc = jnp.where(ok, 0, 1).astype(jnp.result_type(old.skipped))
+        return kept._replace(skipped=old.skipped + inc)
+    if "inner" in fields:  # a wrapper state (schedules)
+        return kept._replace(inner=_count_skipped(kept.inner, old.inner, ok))
     return kept
 
 

@@ -130,9 +130,25 @@ def _flat_rows(jac):
                            for x in jax.tree_util.tree_leaves(jac)], axis=1)
 
 
-def _head_coeffs(method, jac, update, present):
+def _aggregate_with_heads(method, jac, state, **kw):
+    """``jmtl.aggregate`` run eagerly, also returning the heads' own weights (``Output``)."""
+    seen = []
+
+    def update(inputs, st):
+        out, new = method.update(inputs, st)
+        if isinstance(out, base.Output):
+            seen.append(np.asarray(out.head_weights, np.float64))
+        return out, new
+
+    update_out, new_state = jmtl.aggregate(method._replace(update=update), jac, state, **kw)
+    return update_out, new_state, (seen[0] if seen else None)
+
+
+def _head_coeffs(method, jac, update, present, head_weights=None):
     """c_i for the task-specific parameters, found independently of the engine."""
     pres = np.asarray(present, np.float64)
+    if head_weights is not None:
+        return head_weights * pres
     if not (method.weights_task_specific and method.output == "weights"):
         return pres
     # Weights by least squares: J_flatᵀ w = update (rows are linearly independent).
@@ -145,9 +161,9 @@ def reference_params(method, params, state, x, y, *, key=None, present=None):
     per_task = [jax.grad(lambda p, n=n: loss_fn(p, x, y)[n])(params) for n in NAMES]
     jac = _stack_rows([g["trunk"] for g in per_task])
     losses = loss_fn(params, x, y)
-    update, new_state = jmtl.aggregate(method, jac, state, losses=losses, key=key,
-                                       present=jnp.asarray(pres))
-    c = _head_coeffs(method, jac, update, pres)
+    update, new_state, hw = _aggregate_with_heads(method, jac, state, losses=losses, key=key,
+                                                  present=jnp.asarray(pres))
+    c = _head_coeffs(method, jac, update, pres, hw)
     heads = jax.tree_util.tree_map(
         lambda *g: sum(float(ci) * np.asarray(gi, np.float64) for ci, gi in zip(c, g,
                                                                                 strict=True)),
@@ -161,9 +177,9 @@ def reference_features(method, params, state, x, y, *, key=None, present=None):
     jac_z = _stack_rows([jax.grad(lambda zz, n=n: heads_loss(params, zz, x, y)[n])(z)
                          for n in NAMES])
     losses = heads_loss(params, z, x, y)
-    upd_z, new_state = jmtl.aggregate(method, jac_z, state, losses=losses, key=key,
-                                      present=jnp.asarray(pres))
-    c = _head_coeffs(method, jac_z, upd_z, pres)
+    upd_z, new_state, hw = _aggregate_with_heads(method, jac_z, state, losses=losses, key=key,
+                                                 present=jnp.asarray(pres))
+    c = _head_coeffs(method, jac_z, upd_z, pres, hw)
     per_task_p = [jax.grad(lambda p, n=n: heads_loss(p, z, x, y)[n])(params) for n in NAMES]
     head_part = jax.tree_util.tree_map(
         lambda *g: sum(float(ci) * np.asarray(gi, np.float64) for ci, gi in zip(c, g,

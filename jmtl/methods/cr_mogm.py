@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl import _checks
 from jmtl.methods import base
@@ -26,6 +27,7 @@ class CRMOGMState(NamedTuple):
     lam: jax.Array
     seen: jax.Array
     base: Any
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 @base.register("cr_mogm", properties=(base.PERMUTATION_EQUIVARIANT, base.SCALE_INVARIANT,

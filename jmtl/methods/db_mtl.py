@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl import _checks
 from jmtl._linalg import scaled_row_norms
@@ -25,6 +26,7 @@ class DBMTLState(NamedTuple):
 
     buffer: jax.Array
     count: jax.Array
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 def require_dim(method: str, dim: int | None) -> int:

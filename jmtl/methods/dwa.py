@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl.methods import _schedule, base
 from jmtl.methods import uw as uw_lib
@@ -31,6 +32,7 @@ class DWAState(NamedTuple):
     num_periods: jax.Array
     acc_sum: jax.Array
     acc_count: jax.Array
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 @base.register("dwa", properties=(

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl.methods import base
 from jmtl.methods.db_mtl import check_dim, require_dim
@@ -29,6 +30,7 @@ class ExcessMTLState(NamedTuple):
     root_sq_sum: jax.Array
     initial_risk: jax.Array
     seen: jax.Array
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 @base.register("excess_mtl", properties=(

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jmtl import _checks, objectives
@@ -41,6 +42,7 @@ class GradNormState(NamedTuple):
     loss_sum: jax.Array
     loss_count: jax.Array
     step: jax.Array
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 def renormalise_present(new: jax.Array, old: jax.Array, present: jax.Array) -> jax.Array:

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl import jacobian as jac_lib
 from jmtl.methods import base
@@ -29,6 +30,7 @@ class GradVacState(NamedTuple):
     """
 
     target: jax.Array
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 @functools.partial(jax.jit, static_argnames=("beta", "eps"))

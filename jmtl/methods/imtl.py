@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jmtl import _checks
@@ -55,6 +56,7 @@ class IMTLState(NamedTuple):
 
     log_scales: jax.Array
     opt_state: Any
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 def _check_losses(name: str, losses: jax.Array, present: jax.Array) -> None:

@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl import _checks
 from jmtl.methods import base
@@ -112,6 +113,7 @@ class MoDoState(NamedTuple):
     """
 
     lam: jax.Array
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 def _init_simplex(name, num_samples):

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl import _checks
 from jmtl.methods import base
@@ -37,6 +38,7 @@ class PCDState(NamedTuple):
     ema: jax.Array
     unit: jax.Array
     count: jax.Array
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 def _pow2_at_least(x):

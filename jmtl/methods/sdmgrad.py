@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl import _checks
 from jmtl.methods import base
@@ -30,6 +31,7 @@ class SDMGradState(NamedTuple):
     """
 
     w: jax.Array
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 @base.register("sdmgrad", properties=(base.PERMUTATION_EQUIVARIANT, base.SCALE_INVARIANT,

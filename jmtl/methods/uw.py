@@ -25,6 +25,7 @@ class UWState(NamedTuple):
 
     log_vars: jax.Array
     opt_state: Any
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 def default_optimizer(lr: Any) -> optax.GradientTransformation:
