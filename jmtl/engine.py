@@ -32,7 +32,7 @@ memory (no ``chunk_size``), the shared gradient is the weighted contraction
 ``GRAD_NORMS``-only and loss-only methods) it is one more VJP with the weights as
 cotangent, so the K x P Jacobian is never materialised. In features mode the default
 is one more VJP through the heads (cheap), whose ``z``-cotangent also feeds the
-encoder. ``final_step`` overrides this. On the benchmark MLP of DESIGN.md (trunk
+encoder. ``final_step`` overrides this. On the benchmark MLP of docs/architecture.md (trunk
 64-256-256, K linear heads, batch 256, one CPU thread) the contraction was as fast as
 or slightly faster than the extra VJP in params mode at K=8 and K=32, and the VJP
 faster in features mode.

@@ -1,4 +1,4 @@
-"""The public API contract of DESIGN.md: every method exported, the registry, __all__."""
+"""The public API contract (docs/architecture.md): every method exported, the registry, __all__."""
 
 import jmtl
 

@@ -100,7 +100,7 @@ def gradvac(beta: float = 0.5, eps: float = 1e-8) -> base.Method:
     parameters) get their own unweighted gradient, as in LibMTL.
 
     Args:
-      beta: EMA rate ``β`` of the similarity targets (DESIGN / LibMTL default 0.5;
+      beta: EMA rate ``β`` of the similarity targets (paper / LibMTL default 0.5;
         the paper's experiments use ``1e-2``).
       eps: added to the denominator of the adjustment (LibMTL's ``1e-8``).
 
