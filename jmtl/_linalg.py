@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["row_peaks", "scaled_row_norms", "unit_rows", "min_norm_lstsq", "min_norm_lstsq_gram"]
+__all__ = ["row_peaks", "scaled_row_norms", "unit_rows", "unit_vector", "min_norm_lstsq", "min_norm_lstsq_gram"]
 
 
 def row_peaks(x: jax.Array) -> jax.Array:
@@ -56,6 +56,12 @@ def unit_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     ok = n > 0
     units = jnp.where(ok[:, None], y / jnp.where(ok, n, 1)[:, None], 0)
     return units, p * n
+
+
+def unit_vector(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(v / ‖v‖, ‖v‖)`` of a vector without overflow (``(0, 0)`` for ``v = 0``)."""
+    units, norms = unit_rows(jnp.reshape(v, (1, -1)))
+    return jnp.reshape(units, v.shape), norms[0]
 
 
 def min_norm_lstsq(a: jax.Array, b: jax.Array, rtol: float | None = None

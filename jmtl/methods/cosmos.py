@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jmtl import _checks
+from jmtl import _checks, _linalg
 from jmtl.methods import base
-from jmtl.methods.pbi import _unit, preference
+from jmtl.methods.pbi import preference
 
 __all__ = ["cosmos", "cosmos_weights", "sample_preference"]
 
@@ -41,8 +41,8 @@ def cosmos_weights(losses: jax.Array, pref: jax.Array, present: jax.Array, lamda
     dtype = losses.dtype
     lv = jnp.where(present, losses, 0.0)
     r = jnp.where(present, pref, 0.0)
-    l_unit, l_norm = _unit(lv)
-    r_unit, _ = _unit(r)
+    l_unit, l_norm = _linalg.unit_vector(lv)
+    r_unit, _ = _linalg.unit_vector(r)
     cos = jnp.sum(l_unit * r_unit)
     ok = l_norm > 0
     inv = jnp.where(ok, 1.0 / jnp.where(ok, l_norm, 1.0), 0.0)

@@ -16,7 +16,7 @@ import numpy as np
 
 from jmtl import jacobian as jac_lib
 from jmtl.methods import base
-from jmtl.methods.pcgrad import _compute_dtype, random_orders
+from jmtl.methods.pcgrad import random_orders
 
 __all__ = ["gradvac", "GradVacState"]
 
@@ -37,7 +37,7 @@ class GradVacState(NamedTuple):
 def _gradvac_step(gram, present, orders, target, beta, eps):
     """One GradVac aggregation: ``(coefficients (K, K), new target)``."""
     k = gram.shape[0]
-    dtype = _compute_dtype(gram)
+    dtype = jnp.result_type(jnp.float32, gram.dtype)
     g = jac_lib.normalized_gramian(gram.astype(dtype), present)
     gdiag = jnp.diagonal(g)
     usable = present & (gdiag > jnp.finfo(dtype).eps ** 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jmtl import _checks
+from jmtl import _checks, _linalg
 from jmtl.methods import base
 
 __all__ = ["pbi", "pbi_weights", "preference"]
@@ -22,27 +22,17 @@ def preference(pref_vector, present: jax.Array, dtype, name: str) -> jax.Array:
     return jnp.where(present, pref, 0.0)
 
 
-def _unit(v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(v / ‖v‖, ‖v‖)`` computed without overflow (``(0, 0)`` for ``v = 0``)."""
-    big = jnp.max(jnp.abs(v))
-    ok = big > 0
-    scaled = v / jnp.where(ok, big, 1.0)
-    n = jnp.sqrt(jnp.sum(scaled * scaled))
-    unit = jnp.where(ok, scaled / jnp.where(ok, n, 1.0), 0.0)
-    return unit, jnp.where(ok, n * big, 0.0)
-
-
 def pbi_weights(losses: jax.Array, pref: jax.Array, present: jax.Array, theta,
                 ideal) -> jax.Array:
     """Gradient of ``d₁ + θ d₂`` with respect to the losses (see :func:`pbi`)."""
     dtype = losses.dtype
     f = jnp.where(present, losses - jnp.asarray(ideal, dtype), 0.0)
-    u, _ = _unit(jnp.where(present, pref, 0.0))
+    u, _ = _linalg.unit_vector(jnp.where(present, pref, 0.0))
     proj = jnp.sum(f * u)
     resid = jnp.where(present, f - proj * u, 0.0)
     resid = resid - jnp.sum(resid * u) * u  # a second pass removes the rounding along u
-    r_unit, r_norm = _unit(resid)
-    _, f_norm = _unit(f)
+    r_unit, r_norm = _linalg.unit_vector(resid)
+    _, f_norm = _linalg.unit_vector(f)
     # On the ray up to rounding: d₂ = 0, not differentiable; its term is dropped.
     off_ray = r_norm > 16 * jnp.finfo(dtype).eps * f_norm
     r_unit = jnp.where(off_ray, r_unit, 0.0)
