@@ -108,7 +108,8 @@ def make_train_step(model: Any, task_losses: Mapping[str, Callable], method: bas
       ``step``, a pure function (wrap it with ``jax.jit``) returning
       ``(new_state, metrics)``; ``metrics`` holds ``"losses"`` (``{task: loss}``),
       ``"loss"`` (their sum), ``"grad_norm"`` (global norm of the gradient given to
-      ``tx``) and ``"present"`` (``{task: bool}``). It has attributes:
+      ``tx``), ``"present"`` (``{task: bool}``) and, for a weighting method, ``"weights"``
+      (``{task: w}``, the shared gradient is ``sum_i w_i ∇L_i``). It has attributes:
 
       * ``step.init(inputs, targets, masks=None, *, key=None) -> TrainState`` (example
         batch, used for shapes only);
@@ -248,7 +249,7 @@ def make_train_step(model: Any, task_losses: Mapping[str, Callable], method: bas
         else:
             kw["shared"] = engine_shared
         return engine_lib.value_and_mtl_grad(fns["loss_fn"], method, has_aux=has_aux,
-                                             axis_name=axis_name, **kw)
+                                             axis_name=axis_name, return_weights=True, **kw)
 
     def presence_of(masks):
         pres = {t: jnp.array(True) for t in task_losses}
@@ -273,8 +274,8 @@ def make_train_step(model: Any, task_losses: Mapping[str, Callable], method: bas
             key = jax.random.fold_in(state.key, state.step)
         if present is None:
             present = presence_of(masks)
-        out, grads, method_state = grad_fn(state.params, state.method_state, inputs, targets,
-                                           masks, key=key, present=present)
+        out, grads, method_state, weights = grad_fn(
+            state.params, state.method_state, inputs, targets, masks, key=key, present=present)
         task_losses_out, model_state = out if has_aux else (out, state.model_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -288,6 +289,8 @@ def make_train_step(model: Any, task_losses: Mapping[str, Callable], method: bas
             "grad_norm": optax.tree.norm(grads),
             "present": tasks_lib.unstack(pres_vec, task_losses_out),
         }
+        if weights is not None:
+            metrics["weights"] = weights
         return new_state, metrics
 
     def as_model(state: TrainState):

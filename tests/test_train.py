@@ -293,3 +293,20 @@ def test_nnx_features_mode_lowers_the_loss():
         state, metrics = jstep(state, x, y)
         first = metrics["loss"] if first is None else first
     assert float(metrics["loss"]) < 0.7 * float(first)
+
+
+def test_metrics_hold_the_weights_that_build_the_shared_gradient():
+    x, y = _batch()
+    m = jmtl.mgda()
+    step = make_train_step(apply_fn, TASK_LOSSES, m, optax.sgd(1.0), params=_params(),
+                           shared=lambda path, leaf: path.startswith("trunk"))
+    state = step.init(x, y)
+    new, metrics = jax.jit(step)(state, x, y)
+    w = metrics["weights"]
+    assert sorted(w) == ["cls", "reg"]
+    per_task = {t: jax.grad(lambda p, t=t: TASK_LOSSES[t](apply_fn(p, x)[t], y[t]))(
+        state.params)["trunk"] for t in w}
+    expected = sum(float(w[t]) * np.asarray(per_task[t], np.float64) for t in w)
+    # SGD with rate 1: the trunk moved by minus the shared gradient.
+    np.testing.assert_allclose(np.asarray(state.params["trunk"] - new.params["trunk"]),
+                               expected, rtol=1e-4, atol=1e-6)
