@@ -167,7 +167,9 @@ class DSelectKGate(nnx.Module):
         ``sum_i 1 / sum_e r_i(e)`` when ``n`` is not a power of two.
 
         The entropy is ``-sum_i sum_e r_i(e) log(r_i(e) + 1e-6)`` (the official
-        implementation's form). Per-example gates average both terms over the batch
+        implementation's form). A selector stuck on codes that name no expert
+        (``sum_e r_i(e) = 0``) contributes ``1e6`` rather than the official ``inf``,
+        so the penalty stays finite. Per-example gates average both terms over the batch
         (the official code sums them; the mean keeps ``entropy_weight`` independent
         of the batch size).
 
@@ -182,7 +184,8 @@ class DSelectKGate(nnx.Module):
         entropy = -jnp.sum(r * jnp.log(r + _ENTROPY_EPS), axis=(-2, -1))
         total = entropy_weight * entropy
         if not self.power_of_two:
-            total = total + jnp.sum(1.0 / jnp.sum(r, axis=-1), axis=-1)
+            reachable = jnp.maximum(jnp.sum(r, axis=-1), _ENTROPY_EPS)
+            total = total + jnp.sum(1.0 / reachable, axis=-1)
         return jnp.mean(total)
 
 

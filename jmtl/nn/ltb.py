@@ -187,7 +187,7 @@ class LTB(nnx.Module):
         """Sets the Gumbel-softmax temperature (a state update: no retracing under jit)."""
         if self.fixed:
             raise ValueError("LTB: a fixed tree has no temperature")
-        self.temperature.value = jnp.asarray(temperature, jnp.float32)
+        self.temperature[...] = jnp.asarray(temperature, jnp.float32)
 
     def branch_probabilities(self) -> tuple[list[jax.Array], jax.Array]:
         """``([softmax of each layer's logits (N_l, N_{l-1})], heads (K, N_L))``."""
