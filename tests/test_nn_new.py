@@ -466,6 +466,32 @@ def test_ltb_search_samples_branches_and_learns_their_logits():
     assert float(jnp.abs(grads["head_logits"][...]).sum()) > 0
 
 
+def test_ltb_search_works_in_jmtl_features_mode_with_explicit_keys():
+    rngs = nnx.Rngs(0)
+    model = mtnn.LTB([[_mlp(rngs), _mlp(rngs)], [_mlp(rngs) for _ in range(3)]],
+                     _linear_heads(rngs), rngs=rngs, hard=False)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(0), (BATCH, W))
+    key_encode, key_decode = jax.random.split(jax.random.key(3))
+
+    def encoder(p, inputs):
+        return nnx.merge(graphdef, p, rest).encode(inputs, key=key_encode)
+
+    def heads_loss(p, z, inputs):
+        preds = nnx.merge(graphdef, p, rest).decode(z, key=key_decode)
+        return {t: jnp.mean((preds[t] - 0.5) ** 2) for t in TASKS}
+
+    method = jmtl.ew()
+    grad_fn = jax.jit(jmtl.value_and_mtl_grad(heads_loss, method, encoder=encoder))
+    _, grads, _ = grad_fn(params, method.init(len(TASKS)), x)
+    reference = jax.grad(lambda p: sum(heads_loss(p, encoder(p, x), x).values()))(params)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7),
+                 grads, reference)
+    # Both kinds of branching logits are trained.
+    assert float(jnp.abs(grads["head_logits"][...]).sum()) > 0
+    assert float(jnp.abs(grads["logits"][0][...]).sum()) > 0
+
+
 def test_ltb_temperature_is_state_and_does_not_retrace():
     model, x, _ = _build("ltb_search")
     model.train()
