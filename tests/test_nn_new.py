@@ -601,6 +601,7 @@ def test_mtinet_scale_dependencies_follow_the_coarse_to_fine_design():
     assert out.initial[0]["b"].shape == (2, 4, 4, 2) and out.initial[1]["b"].shape == (2, 2, 2, 2)
 
 
+@pytest.mark.slow
 def test_mtinet_checks_the_backbone_scales():
     rngs = nnx.Rngs(0)
     model = mtnn.MTINet(_Backbone(rngs), channels=[W, W], outputs=OUT, rngs=rngs)

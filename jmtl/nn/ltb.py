@@ -112,7 +112,9 @@ class LTB(nnx.Module):
     search model every block can reach every task); :meth:`decode` the heads'
     branch choices and the heads, which are task-specific. Gumbel noise comes from
     the ``rngs`` stream given at construction (stream ``"gumbel"``, else
-    ``"default"``), or from an explicit ``key``.
+    ``"default"``; it advances under ``nnx.jit``), or from an explicit ``key``,
+    which functional code (``nnx.split``/``merge``, jmtl's engine) should pass
+    so that every step draws fresh branches.
 
     Args:
       layers: candidate blocks per layer, first layer first (any NNX modules).
