@@ -6,10 +6,15 @@ task names, the method's name and hyperparameters, and the structure and shapes 
 every saved tree. :func:`restore` refuses a checkpoint whose task set, method or
 structure differs from what the caller expects, with a message saying what differs,
 instead of silently reshaping.
+
+:func:`save` never deletes anything that is not a jmtl checkpoint: with
+``force=True`` it replaces a directory only if that directory holds a jmtl
+checkpoint and nothing else (or is empty), and refuses otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +25,13 @@ import numpy as np
 from jmtl.methods import base
 
 __all__ = ["save", "restore", "CheckpointMismatchError"]
+
+_FORMAT = "jmtl-checkpoint-1"
+# Top-level entries of a directory written by :func:`save`: the metadata item, one
+# ``tree_<name>`` item per non-empty tree (checked against the metadata), and orbax's
+# own bookkeeping files.
+_META_ITEM = "meta"
+_ORBAX_FILES = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt"})
 
 
 class CheckpointMismatchError(ValueError):
@@ -47,7 +59,7 @@ def _describe(tree: Any) -> dict[str, list]:
 
 def _metadata(items: dict[str, Any], method: base.Method, tasks: Sequence[str]) -> dict:
     return {
-        "format": "jmtl-checkpoint-1",
+        "format": _FORMAT,
         "tasks": list(tasks),
         "method": method.name,
         "hparams": repr(method),
@@ -59,12 +71,24 @@ def save(directory: str | os.PathLike, items: dict[str, Any], *, method: base.Me
          tasks: Sequence[str], force: bool = False) -> None:
     """Saves named pytrees (params, optimizer state, method state, ...) and metadata.
 
+    ``directory`` must not exist, or be an empty directory. With ``force=True`` it
+    may also hold a checkpoint written by this function, which is then replaced;
+    a directory with anything else in it (files of the user's, another library's
+    checkpoint, a jmtl checkpoint with extra entries beside it) is refused and
+    left untouched, as are a file or a symbolic link at ``directory``. Only a
+    checkpoint's own entries are ever deleted.
+
     Args:
-      directory: a new directory (absolute or relative path).
+      directory: a new or empty directory, or with ``force=True`` an existing jmtl
+        checkpoint (absolute or relative path).
       items: ``{name: pytree}``, e.g. ``{"params": p, "opt_state": o, "method_state": s}``.
       method: the balancing method in use (its name and hyperparameters are recorded).
       tasks: the task names in stacking order (``jmtl.tasks.task_names(losses)``).
-      force: overwrite an existing checkpoint.
+      force: replace an existing jmtl checkpoint at ``directory``.
+
+    Raises:
+      FileExistsError: ``directory`` exists and is not empty, and ``force`` is off, or
+        it is not a jmtl checkpoint (the message says why; nothing is deleted).
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, jmtl
@@ -77,13 +101,67 @@ def save(directory: str | os.PathLike, items: dict[str, Any], *, method: base.Me
     """
     ocp = _orbax()
     path = os.path.abspath(os.fspath(directory))
+    overwrite = _check_destination(path, force)
     meta = _metadata(items, method, tasks)
     args = {"meta": ocp.args.JsonSave(meta)}
     for name, tree in items.items():
         if jax.tree_util.tree_leaves(tree):  # orbax refuses empty trees (stateless methods)
             args[f"tree_{name}"] = ocp.args.StandardSave(tree)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-        ckpt.save(path, ocp.args.Composite(**args), force=force)
+        ckpt.save(path, ocp.args.Composite(**args), force=overwrite)
+
+
+def _check_destination(path: str, force: bool) -> bool:
+    """Whether :func:`save` may replace ``path``; raises if it must not write there.
+
+    Returns ``False`` for a path that does not exist, ``True`` for an empty directory
+    or (with ``force``) a directory that holds a jmtl checkpoint and nothing else.
+    """
+    if os.path.islink(path):
+        raise FileExistsError(f"jmtl.checkpoint.save: {path} is a symbolic link; refusing to "
+                              "write through it (give the real directory)")
+    if not os.path.exists(path):
+        return False
+    if not os.path.isdir(path):
+        raise FileExistsError(f"jmtl.checkpoint.save: {path} exists and is not a directory; "
+                              "nothing was written")
+    entries = sorted(os.listdir(path))
+    if not entries:
+        return True  # an empty directory: nothing to lose
+    if not force:
+        raise FileExistsError(f"jmtl.checkpoint.save: {path} already exists and is not empty; "
+                              "pass force=True to replace a jmtl checkpoint there")
+    problem = _not_a_checkpoint(path, entries)
+    if problem:
+        raise FileExistsError(f"jmtl.checkpoint.save(force=True): {path} is not a jmtl "
+                              f"checkpoint ({problem}); refusing to delete it")
+    return True
+
+
+def _not_a_checkpoint(path: str, entries: Sequence[str]) -> str | None:
+    """Why the directory ``path`` (with top-level ``entries``) is not only a jmtl
+    checkpoint, or ``None`` if it is one."""
+    meta_file = os.path.join(path, _META_ITEM, "metadata")
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"no readable jmtl metadata at {meta_file}: {type(e).__name__}"
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        return f"its metadata has format {found!r}, not {_FORMAT!r}"
+    trees = meta.get("trees")
+    if not isinstance(trees, dict):
+        return "its metadata lists no trees"
+    expected = {_META_ITEM, *_ORBAX_FILES, *(f"tree_{name}" for name in trees)}
+    extra = [e for e in entries if e not in expected]
+    if extra:
+        return f"it also holds {extra}, which a jmtl checkpoint does not write"
+    for entry in entries:
+        if entry not in _ORBAX_FILES and not os.path.isdir(os.path.join(path, entry)) \
+                or os.path.islink(os.path.join(path, entry)):
+            return f"{entry!r} is not a directory"
+    return None
 
 
 def _compare(meta: dict, expected: dict) -> list[str]:

@@ -83,6 +83,18 @@ def test_multi_digit_quick(tmp_path):
     assert (tmp_path / "multi_digit.md").exists()
 
 
+def test_dense_toy_quick(tmp_path):
+    _run("dense_toy.py", tmp_path, "--quick", "--steps", "10", "--models", "hard", "padnet")
+    result = _load(tmp_path / "dense_toy.json")
+    rows = {r["model"]: r for r in result["models"]}
+    assert set(rows) == {"hard", "padnet"}
+    for r in rows.values():
+        assert 0.0 < r["metrics_mean"]["seg"]["pixel_acc"] <= 1.0
+        assert r["metrics_mean"]["depth"]["abs_err"] > 0 and "delta_mtl_mean" in r
+    assert set(result["single_task"]["metrics"]) == {"depth", "seg"}
+    assert (tmp_path / "dense_toy.md").exists() and (tmp_path / "dense_toy.png").exists()
+
+
 def test_multi_digit_data():
     sys.path.insert(0, BENCH)
     try:

@@ -118,6 +118,86 @@ def test_checkpoint_mismatch_errors(tmp_path):
         jmtl.checkpoint.restore(ckpt, items, method=method, tasks=prob.TASKS)
 
 
+def _snapshot(root) -> dict:
+    """``{relative path: bytes}`` of every file under ``root`` (what must survive)."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            full = os.path.join(d, f)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, root)] = fh.read()
+    return out
+
+
+def _small_items(value):
+    return {"params": {"w": jnp.full((2,), value)}, "method_state": ()}
+
+
+def test_checkpoint_force_never_deletes_user_files(tmp_path):
+    method = jmtl.ew()
+    user = tmp_path / "results"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("a week of work")
+    (user / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = _snapshot(user)
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="results"):
+            jmtl.checkpoint.save(user, _small_items(1.0), method=method, tasks=("a", "b"),
+                                 force=force)
+        assert _snapshot(user) == before
+    # A directory that looks like an orbax item but is not a jmtl checkpoint.
+    other = tmp_path / "other"
+    (other / "meta").mkdir(parents=True)
+    (other / "meta" / "metadata").write_text('{"format": "someone-else"}')
+    before = _snapshot(other)
+    with pytest.raises(FileExistsError, match="format 'someone-else'"):
+        jmtl.checkpoint.save(other, _small_items(1.0), method=method, tasks=("a", "b"),
+                             force=True)
+    assert _snapshot(other) == before
+    # A file, and a symbolic link to a checkpoint, are refused too.
+    afile = tmp_path / "file"
+    afile.write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        jmtl.checkpoint.save(afile, _small_items(1.0), method=method, tasks=("a", "b"),
+                             force=True)
+    assert afile.read_text() == "keep me"
+
+
+def test_checkpoint_force_replaces_only_a_pure_jmtl_checkpoint(tmp_path):
+    method, tasks = jmtl.ew(), ("a", "b")
+    ckpt = tmp_path / "ck"
+    jmtl.checkpoint.save(ckpt, _small_items(1.0), method=method, tasks=tasks)
+    with pytest.raises(FileExistsError, match="force=True"):
+        jmtl.checkpoint.save(ckpt, _small_items(2.0), method=method, tasks=tasks)
+    jmtl.checkpoint.save(ckpt, _small_items(2.0), method=method, tasks=tasks, force=True)
+    got = jmtl.checkpoint.restore(ckpt, _small_items(0.0), method=method, tasks=tasks)
+    np.testing.assert_array_equal(np.asarray(got["params"]["w"]), [2.0, 2.0])
+    # The same checkpoint with a file of the user's beside it: refused, both kept.
+    (ckpt / "notes.txt").write_text("mine")
+    before = _snapshot(ckpt)
+    with pytest.raises(FileExistsError, match=r"also holds \['notes.txt'\]"):
+        jmtl.checkpoint.save(ckpt, _small_items(3.0), method=method, tasks=tasks, force=True)
+    assert _snapshot(ckpt) == before
+    got = jmtl.checkpoint.restore(ckpt, _small_items(0.0), method=method, tasks=tasks)
+    np.testing.assert_array_equal(np.asarray(got["params"]["w"]), [2.0, 2.0])
+    # Through a symbolic link: refused, the target kept.
+    link = tmp_path / "link"
+    link.symlink_to(ckpt, target_is_directory=True)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        jmtl.checkpoint.save(link, _small_items(3.0), method=method, tasks=tasks, force=True)
+    assert _snapshot(ckpt) == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_checkpoint_into_an_empty_directory(tmp_path, force):
+    method, tasks = jmtl.ew(), ("a", "b")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    jmtl.checkpoint.save(empty, _small_items(4.0), method=method, tasks=tasks, force=force)
+    got = jmtl.checkpoint.restore(empty, _small_items(0.0), method=method, tasks=tasks)
+    np.testing.assert_array_equal(np.asarray(got["params"]["w"]), [4.0, 4.0])
+
+
 @pytest.mark.parametrize("name", jmtl.methods.names())
 def test_step_traces_once(name):
     """No retracing across steps: the method state keeps its dtypes and shapes."""

@@ -16,6 +16,9 @@ follow NNX's ``model.train()`` / ``model.eval()`` switches.
 | :class:`MMoE` | Ma et al., KDD 2018 |
 | :class:`CGC`, :class:`PLE`, :class:`ExtractionLayer` | Tang et al., RecSys 2020 |
 | :class:`PADNet`, :class:`MultiModalDistillation` | Xu et al., CVPR 2018 |
+| :class:`DSelectK`, :class:`DSelectKGate` | Hazimeh et al., NeurIPS 2021 |
+| :class:`LTB` (:meth:`LTB.fix` for the found tree) | Guo, Lee & Ulbricht, ICML 2020 |
+| :class:`MTINet`, :class:`FeaturePropagation`, ... | Vandenhende et al., ECCV 2020 |
 
 Requires ``flax>=0.12`` (``pip install jmtl[nn]``).
 """
@@ -26,6 +29,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("jmtl.nn needs Flax >= 0.12: pip install 'jmtl[nn]'") from error
 
 from jmtl.nn.cross_stitch import CrossStitch, CrossStitchUnit
+from jmtl.nn.dselect_k import DSelectK, DSelectKGate, smooth_step
 from jmtl.nn.experts import (
     CGC,
     PLE,
@@ -34,25 +38,48 @@ from jmtl.nn.experts import (
     MixtureFeatures,
     MMoE,
 )
+from jmtl.nn.ltb import LTB, BranchLogits, BranchTemperature, BranchTree, gumbel_softmax
 from jmtl.nn.mtan import MTAN, AttentionMask
+from jmtl.nn.mtinet import (
+    ConvBlock,
+    FeaturePropagation,
+    MTINet,
+    MTINetOutput,
+    SpatialAttentionDistillation,
+    resize_to,
+)
 from jmtl.nn.padnet import MultiModalDistillation, PADNet, PADNetOutput
 from jmtl.nn.sharing import HardSharing, SoftSharing, soft_sharing_penalty
 
 __all__ = [
     "AttentionMask",
+    "BranchLogits",
+    "BranchTemperature",
+    "BranchTree",
     "CGC",
+    "ConvBlock",
     "CrossStitch",
     "CrossStitchUnit",
+    "DSelectK",
+    "DSelectKGate",
     "ExtractionFeatures",
     "ExtractionLayer",
+    "FeaturePropagation",
     "HardSharing",
+    "LTB",
     "MMoE",
     "MTAN",
+    "MTINet",
+    "MTINetOutput",
     "MixtureFeatures",
     "MultiModalDistillation",
     "PADNet",
     "PADNetOutput",
     "PLE",
     "SoftSharing",
+    "SpatialAttentionDistillation",
+    "gumbel_softmax",
+    "resize_to",
+    "smooth_step",
     "soft_sharing_penalty",
 ]
