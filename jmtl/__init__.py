@@ -22,10 +22,9 @@ from jmtl import (
     train,
     transform,
 )
-from jmtl._checks import checked
 from jmtl._aggregate import aggregate
+from jmtl._checks import checked
 from jmtl.engine import num_shared, shared_mask, value_and_mtl_grad
-from jmtl.transform import as_gradient_transformation
 
 # Every registered method factory, under its registry name (``jmtl.upgrad()``, ...).
 from jmtl.methods.aligned_mtl import aligned_mtl
@@ -58,6 +57,7 @@ from jmtl.methods.sdmgrad import sdmgrad
 from jmtl.methods.stch import stch
 from jmtl.methods.upgrad import dualproj, upgrad
 from jmtl.methods.uw import uw
+from jmtl.transform import as_gradient_transformation
 
 
 def __getattr__(name):

@@ -86,8 +86,8 @@ def checked(fn):
     non-positive losses given to a log-based method, a non-finite Gramian, ...). It
     works with ``jax.jit`` inside (``checked(jit(f))``: the error is raised when the
     call returns) or outside (``jit(checked(f))``: raised from a host callback when the
-    step runs, as a ``JaxRuntimeError`` carrying the same message). The checks are traced only inside
-    ``checked``: a jitted function that was already traced outside it is reused from
+    step runs, as a ``JaxRuntimeError`` carrying the same message). The checks are traced
+    only inside ``checked``: a jitted function that was already traced outside it is reused from
     JAX's cache without them, so wrap a fresh function.
 
     Examples:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["row_peaks", "scaled_row_norms", "unit_rows", "unit_vector", "min_norm_lstsq", "min_norm_lstsq_gram"]
+__all__ = ["row_peaks", "scaled_row_norms", "unit_rows", "unit_vector", "min_norm_lstsq",
+           "min_norm_lstsq_gram"]
 
 
 def row_peaks(x: jax.Array) -> jax.Array:

@@ -143,7 +143,8 @@ def label_tree(params: Any, rules: Mapping[Any, Hashable] | Sequence[tuple[Any, 
     items, rebuild = _flatten(_as_tree(params, wrt))
     labels, unmatched = [], []
     for path, leaf in items:
-        label = next((lab for rule, lab in pairs if _paths.matches(rule, path, leaf, caller="label_tree")), default)
+        label = next((lab for rule, lab in pairs
+                      if _paths.matches(rule, path, leaf, caller="label_tree")), default)
         if label is None:
             unmatched.append(path)
         labels.append(label)

@@ -24,7 +24,6 @@ import optax
 
 from jmtl import engine as engine_lib
 from jmtl import losses as losses_lib
-from jmtl import optim as optim_lib
 from jmtl import tasks as tasks_lib
 from jmtl.methods import base
 

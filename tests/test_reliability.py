@@ -102,7 +102,7 @@ POISON = ["db_mtl", "dwa", "excess_mtl", "gradnorm", "imtl", "imtl_l", "uw", "fa
 @pytest.mark.parametrize("name", POISON)
 def test_non_finite_step_leaves_state_unchanged(name, bad):
     m = _method(name)
-    step = jax.jit(lambda j, l, s: jmtl.aggregate(m, j, s, losses=l, key=KEY))
+    step = jax.jit(lambda j, ls, s: jmtl.aggregate(m, j, s, losses=ls, key=KEY))
     state = m.init(K, dim=D)
     _, s1 = step(J0, L0, state)
     j_bad, l_bad = J0.copy(), L0.copy()
@@ -137,8 +137,8 @@ def test_checked_catches_non_finite_inputs_in_both_orders(name, order):
     else:
         bad_j[0, 0] = np.nan
 
-    def f(j, l):
-        return jmtl.aggregate(m, j, m.init(K, dim=D), losses=l, key=KEY)[0]
+    def f(j, ls):
+        return jmtl.aggregate(m, j, m.init(K, dim=D), losses=ls, key=KEY)[0]
 
     g = jmtl.checked(jax.jit(f)) if order == "checked_jit" else jax.jit(jmtl.checked(f))
     np.asarray(g(J0, L0))  # fine inputs pass
@@ -165,7 +165,7 @@ STATEFUL = [n for n in jmtl.methods.names()
 def test_state_for_another_k_or_method_is_a_clear_error(name):
     m = _method(name)
     with pytest.raises(ValueError, match=rf"'{name}'.*state.*expected"):
-        jax.jit(lambda j, l, s: jmtl.aggregate(m, j, s, losses=l, key=KEY))(
+        jax.jit(lambda j, ls, s: jmtl.aggregate(m, j, s, losses=ls, key=KEY))(
             J0, L0, m.init(K + 1, dim=D))
     other = jmtl.dwa() if name != "dwa" else jmtl.uw()
     with pytest.raises(ValueError, match=rf"'{name}'.*state.*expected"):

@@ -29,7 +29,7 @@ Examples:
   >>> jmtl.gradnorm(alpha="1.5")
   Traceback (most recent call last):
   ...
-  TypeError: method 'gradnorm': hyperparameter `alpha` must be a number, a numeric jax array or an optax schedule (a callable of the step count), got str '1.5'
+  TypeError: method 'gradnorm': hyperparameter `alpha` must be a number, ... got str '1.5'
 """
 
 from __future__ import annotations
