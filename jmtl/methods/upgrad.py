@@ -65,9 +65,7 @@ def _method(name, pref_vector, norm_eps, reg_eps, weights_fn) -> base.Method:
         return jnp.where(present, w, 0.0).astype(dtype), state
 
     return base.Method(name=name, init=init, update=update, needs=frozenset({base.GRAMIAN}),
-                       output="weights", weights_task_specific=False,
-                       hparams=(("pref_vector", pref), ("norm_eps", norm_eps),
-                                ("reg_eps", reg_eps)))
+                       output="weights", weights_task_specific=False)
 
 
 @base.register("upgrad")
@@ -113,7 +111,7 @@ def upgrad(pref_vector: Sequence[float] | None = None, norm_eps: float = 0.0,
     """
 
     def weights_fn(g, u, present):
-        w = project_dual_cone(g, jnp.diag(u), present)
+        w = project_dual_cone(g, jnp.diag(u), present).x
         return jnp.sum(w, axis=0)
 
     return _method("upgrad", pref_vector, norm_eps, reg_eps, weights_fn)
@@ -154,6 +152,6 @@ def dualproj(pref_vector: Sequence[float] | None = None, norm_eps: float = 0.0,
     """
 
     def weights_fn(g, u, present):
-        return project_dual_cone(g, u, present)
+        return project_dual_cone(g, u, present).x
 
     return _method("dualproj", pref_vector, norm_eps, reg_eps, weights_fn)
