@@ -126,16 +126,16 @@ def test_upgrad_and_dualproj_against_brute_force(k, d):
     np.testing.assert_allclose(np.asarray(wd) @ jac, ref_d, atol=1e-7 * scale)
 
 
-def test_upgrad_kkt_with_torchjd_regularisation():
+def test_upgrad_kkt_with_per_row_regularisation():
     rng = np.random.default_rng(2)
     jac = rng.standard_normal((6, 3))
     with jax.enable_x64(True):
-        w, _ = weights("upgrad", jac)          # reg_eps = 1e-4 on trace-normalised G
-    # each projection solves min_{v >= e_i/K} vᵀ G_reg v; check the sum's consequences
+        w, _ = weights("upgrad", jac)          # reg_eps = 1e-4 on the cosine Gramian
+    # each projection solves min_{v >= e_i/K} vᵀ G_reg v with G_reg = G + 1e-4 diag(G)
     g = jac @ jac.T
-    g_reg = g / np.trace(g) + 1e-4 * np.eye(6)
+    g_reg = g + 1e-4 * np.diag(np.diag(g))
     assert np.all(np.asarray(w) >= 1.0 / 6 - 1e-12)
-    assert np.all(g_reg @ np.asarray(w) >= -1e-10)
+    assert np.all(g_reg @ np.asarray(w) >= -1e-10 * np.trace(g))
 
 
 def test_cagrad_kkt_float64():
