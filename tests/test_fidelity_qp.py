@@ -288,7 +288,8 @@ def test_moco_softmax_update_matches_libmtl_formula():
 # ----------------------------------------------------------------------------- scale (12.1)
 
 @pytest.mark.parametrize("name,hp", [("mgda", {}), ("upgrad", {}), ("dualproj", {}),
-                                     ("cagrad", {}), ("nash_mtl", {"heads": "own"})])
+                                     ("cagrad", {}), ("nash_mtl", {"heads": "own"}),
+                                     ("fairgrad", {})])
 @pytest.mark.parametrize("jit", [False, True])
 def test_direction_is_scale_free(name, hp, jit):
     jac = np.array([[1.0, 0.2, -0.3], [-0.4, 1.0, 0.1], [0.3, -0.5, 0.8]])
@@ -301,3 +302,77 @@ def test_direction_is_scale_free(name, hp, jit):
         assert np.all(np.isfinite(out))
         cos = out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref))
         assert cos > 0.999, (scale, cos)
+
+
+# ----------------------------------------------------------------------------- traced hparams
+
+@pytest.mark.parametrize("name,hp", [("nash_mtl", {"max_norm": 0.5, "reg_eps": 1e-6}),
+                                     ("cagrad", {"c": 0.7}), ("upgrad", {"reg_eps": 1e-3}),
+                                     ("dualproj", {"reg_eps": 1e-3}),
+                                     ("fairgrad", {"alpha": 2.0}),
+                                     ("moco", {"gamma": 0.2, "rho": 0.1})])
+def test_float_hyperparameters_can_be_traced(name, hp):
+    # Factories called with traced values (optax schedules) give the concrete result.
+    jac = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
+
+    def run(values):
+        m = jmtl.methods.get(name, **values, **({"heads": "own"} if name == "nash_mtl" else {}))
+        return jmtl.aggregate(m, jac, m.init(3, 4))[0]
+
+    np.testing.assert_allclose(jax.jit(run)(hp), run(hp), rtol=2e-5, atol=1e-7)
+
+
+def test_fairgrad_raw_scale_and_cap():
+    # The weights solve G w = w^{-1/α} on the raw Gramian, whatever the pre-scaling.
+    rng = np.random.default_rng(3)
+    jac = (rng.standard_normal((3, 5)) * 300.0).astype(np.float32)
+    w, _, _ = _update(jmtl.fairgrad(alpha=2.0), jac)
+    g = jac.astype(np.float64) @ jac.T.astype(np.float64)
+    np.testing.assert_allclose(g @ w, w ** -0.5, rtol=1e-4)
+    res = solvers.alpha_fair_weights(jnp.asarray(g, jnp.float32), 2.0, max_iter=1)
+    assert not bool(res.converged) and np.all(np.asarray(res.x) > 0)
+
+
+def _nnqp_ref(q_mat, q):
+    """min_{x>=0} ½xᵀQx + qᵀx for PD Q by enumerating the free sets (float64)."""
+    k = len(q)
+    best, best_val = np.zeros(k), 0.0
+    for r in range(1, k + 1):
+        for free in itertools.combinations(range(k), r):
+            f = list(free)
+            x = np.zeros(k)
+            x[f] = np.linalg.solve(q_mat[np.ix_(f, f)], -q[f])
+            val = 0.5 * x @ q_mat @ x + q @ x
+            if np.all(x >= 0) and val < best_val:
+                best, best_val = x, val
+    return best
+
+
+def _cagrad_ref(jac, c):
+    """CAGrad's update d = g0 + c||g0|| g_w/||g_w|| (paper, rescale=0) in float64: the dual's
+    optimality conditions G(b + x) = μ1 + ν, xᵀGx = c²||g0||², solved by bisection on μ
+    with an exact (enumerated) non-negative QP for x(μ)."""
+    k = jac.shape[0]
+    g = jac @ jac.T
+    b = np.full(k, 1.0 / k)
+    rho2 = c * c * b @ g @ b
+    lo, hi = np.min(g @ b), np.min(g @ b + np.sqrt(rho2 * np.diag(g))) + 1e-9
+    for _ in range(200):
+        mu = 0.5 * (lo + hi)
+        x = _nnqp_ref(g, g @ b - mu)
+        lo, hi = (mu, hi) if x @ g @ x < rho2 else (lo, mu)
+    return (b + _nnqp_ref(g, g @ b - 0.5 * (lo + hi))) @ jac
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e20])
+def test_cagrad_matches_float64_reference(seed, scale):
+    rng = np.random.default_rng(seed)
+    jac = rng.standard_normal((4, 6)) + 0.3 * (seed % 2)
+    ref = _cagrad_ref(jac, 0.4)
+    for dtype, tol in ((np.float32, 2e-5), (np.float64, 1e-9)):
+        if dtype == np.float64 and scale != 1.0:
+            continue
+        with jax.enable_x64(dtype == np.float64):
+            w, _, _ = _update(jmtl.cagrad(c=0.4, rescale=0), (jac * scale).astype(dtype))
+        np.testing.assert_allclose(w * scale @ jac, ref, atol=tol * np.abs(ref).max())

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jmtl import _checks
 from jmtl import jacobian as jac_lib
 from jmtl.methods import base
 from jmtl.methods.db_mtl import check_dim, ema_schedule, require_dim, scaled_row_norms
@@ -85,7 +86,7 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
       Multi-objective Learning: A Provably Convergent Approach", ICLR 2023.
     """
     for name, val in (("beta", beta), ("gamma", gamma), ("rho", rho)):
-        if val < 0:
+        if _checks.is_concrete(val) and not float(val) >= 0:   # traced values pass
             raise ValueError(f"method 'moco': {name} must be non-negative, got {val}")
     if lambda_update not in ("projection", "softmax"):
         raise ValueError(f"method 'moco': lambda_update must be 'projection' or 'softmax', "
