@@ -134,9 +134,14 @@ def nash_bargaining(gramian: jax.Array, alpha0: jax.Array | None = None,
         slope = grad @ delta
         cand = a[None, :] + steps[:, None] * delta[None, :]
         vals = jax.vmap(objective)(cand)
-        ok = vals <= f0 + 1e-4 * steps * slope
+        # Armijo on F; near the solution F is flat to rounding (its change is quadratic in
+        # the error), so a sufficient decrease of the residual is accepted instead.
+        armijo = (vals <= f0 + 1e-4 * steps * slope) & (slope < 0)
+        res_c = jax.vmap(residual)(jnp.where(cand > 0, cand, 1.0))
+        merit = jnp.all(cand > 0, axis=1) & (res_c <= (1.0 - 1e-4 * steps) * residual(a))
+        ok = armijo | merit
         first = jnp.argmax(ok)
-        accept = jnp.any(ok) & (slope < 0)
+        accept = jnp.any(ok)
         new = jnp.where(accept, cand[first], a)
         return new, it + 1, accept, converged(new)
 
