@@ -377,3 +377,87 @@ def test_cagrad_matches_float64_reference(seed, scale):
         with jax.enable_x64(dtype == np.float64):
             w, _, _ = _update(jmtl.cagrad(c=0.4, rescale=0), (jac * scale).astype(dtype))
         np.testing.assert_allclose(w @ jac, ref, atol=tol * np.abs(ref).max())   # scale-free w
+
+
+def _measure():
+    """Largest differences against the float64 references (printed; see the module docstring)."""
+    worst_abs = 0.0
+    # Nash-MTL: rows 1e3/1/1e-3 at scales 1e-20..1e20, vs float64 Newton reference
+    worst = 0
+    for sc in [1e-20, 0.05, 1.0, 1e20]:
+        for seed in range(5):
+            r = np.random.default_rng(seed)
+            jac = r.standard_normal((3, 8)) * np.array([1e3, 1.0, 1e-3])[:, None]
+            js = (jac * sc).astype(np.float32)
+            j64 = js.astype(np.float64) / sc
+            ref = _nash_ref(j64 @ j64.T) / sc
+            w, _, _ = _update(jmtl.nash_mtl(max_norm=0.0), js)
+            worst = max(worst, np.max(np.abs(w / ref - 1)))
+    print("nash_mtl max rel diff of alpha vs float64 Newton:", worst)
+    # MGDA: 20x10 rank-10, 8 row orders x 30 matrices, norm of min-norm point vs float64 LH
+    worst, worst64 = 0, 0
+    r = np.random.default_rng(0)
+    for _ in range(30):
+        jac = _matrix(r, 20, 10, 10).astype(np.float32).astype(np.float64)
+        for p in range(8):
+            jp = jac[np.random.default_rng(p).permutation(20)]
+            ref = np.linalg.norm(_min_norm_ref(jp @ jp.T) @ jp)
+            w, _, _ = _update(jmtl.mgda(), jp.astype(np.float32))
+            d = np.linalg.norm(w @ jp)
+            rn = np.linalg.norm(jp, axis=1).max()
+            if ref > 1e-2 * rn:
+                worst = max(worst, abs(d - ref) / ref)
+            worst_abs = max(worst_abs, abs(d - ref) / rn)
+            if ref <= 1e-6 * rn:
+                worst64 = max(worst64, d / rn)
+    print("mgda float32 max rel diff of ||d|| vs float64 Lawson-Hanson (optimum > 0):", worst)
+    print("mgda float32 max ||d||/max||g_i|| where the optimum is 0 (0 in the hull):", worst64)
+    print("mgda float32 max | ||d|| - ||d_ref|| | / max||g_i|| over all cases:", worst_abs)
+    # UPGrad vs float64 enumeration reference (jmtl ridge), 5x4, incl. tiny rows
+    worst = 0
+    for seed in range(8):
+        r = np.random.default_rng(seed)
+        jac = r.standard_normal((5, 4))
+        if seed % 2:
+            jac[seed % 5] *= 1e-8
+        ref = _upgrad_ref(jac, 1e-4)
+        w, _, _ = _update(jmtl.upgrad(), jac.astype(np.float32))
+        worst = max(worst, np.abs(w @ jac - ref).max() / np.abs(ref).max())
+    print("upgrad float32 max diff vs float64 enumeration / max|ref|:", worst)
+    # CAGrad float32 vs float64 jmtl solve, and float64 KKT residual
+    worst = 0
+    for seed in range(8):
+        r = np.random.default_rng(seed)
+        jac = r.standard_normal((5, 8)) + 0.3
+        w32, _, _ = _update(jmtl.cagrad(), jac.astype(np.float32))
+        with jax.enable_x64(True):
+            w64, _, _ = _update(jmtl.cagrad(), jac)
+        worst = max(worst, np.abs((w32 - w64) @ jac).max() / np.abs(w64 @ jac).max())
+    print("cagrad float32 vs float64 max diff / max|d|:", worst)
+
+
+def _measure_more():
+    """CAGrad against the float64 bisection reference, FairGrad against its raw equation."""
+    worst = 0
+    for seed in range(8):
+        r = np.random.default_rng(seed)
+        jac = r.standard_normal((4, 6)) + 0.3 * (seed % 2)
+        ref = _cagrad_ref(jac, 0.4)
+        for sc in (1e-20, 1.0, 1e20):
+            w, _, _ = _update(jmtl.cagrad(c=0.4, rescale=0), (jac * sc).astype(np.float32))
+            worst = max(worst, np.abs(w @ jac - ref).max() / np.abs(ref).max())
+    print("cagrad float32 (scales 1e-20..1e20) vs float64 reference, max diff / max|d|:", worst)
+    worst = 0
+    for seed in range(8):
+        r = np.random.default_rng(seed)
+        jac = (r.standard_normal((3, 5)) * 300.0).astype(np.float32)
+        for alpha in (0.5, 1.0, 2.0):
+            w, _, _ = _update(jmtl.fairgrad(alpha=alpha), jac)
+            g = jac.astype(np.float64) @ jac.T.astype(np.float64)
+            worst = max(worst, np.max(np.abs(g @ w / w ** (-1 / alpha) - 1)))
+    print("fairgrad float32 max relative residual of G w = w^(-1/a) (raw G):", worst)
+
+
+if __name__ == "__main__":   # PYTHONPATH=$PWD python tests/test_fidelity_qp.py
+    _measure()
+    _measure_more()

@@ -36,8 +36,12 @@ def mgda(normalization: str = "none") -> base.Method:
     the weights are those of the solver's last feasible iterate, a convex combination
     (documented fallback of :func:`jmtl.solvers.min_norm_weights`). The Gramian is the
     pre-scaled one, so the weights do not depend on the gradients' scale (|J| from 1e-20
-    to 1e20 in float32). Task-specific parameters (heads) receive their own unweighted
-    gradient, as in the paper's code, LibMTL and torchjd.
+    to 1e20 in float32). Precision: when 0 is in the hull of the gradients (the exact
+    update is 0), the float32 update has norm up to about ``2e-3 · max_i ||g_i||`` (the
+    relative ridge ``1e-6`` that keeps the factorisations positive definite; ``1e-13``
+    in float64); otherwise float32 and float64 agree to about ``1e-7`` relative.
+    Task-specific parameters (heads) receive their own unweighted gradient, as in the
+    paper's code, LibMTL and torchjd.
 
     The default is ``"none"``: it is the method the paper analyses (Désidéri's MGDA,
     with its non-conflict guarantee), needs nothing but the Gramian, and is the default
