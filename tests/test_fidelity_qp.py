@@ -286,6 +286,20 @@ def test_moco_softmax_update_matches_libmtl_formula():
     np.testing.assert_allclose(upd, lam @ y, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e6, 1e9])
+def test_moco_lambda_stays_on_simplex_at_large_scale(scale):
+    # |J| ≈ 1e6 used to give λ = 0 and a zero update (the simplex projection lost the 1).
+    jac = np.array([[1.0, 0.2], [-0.3, 1.0], [0.5, 0.5]], np.float32) * scale
+    m = jmtl.moco()
+    upd, st = jmtl.aggregate(m, jnp.asarray(jac), m.init(3, 2))
+    lam = np.asarray(st.lam, np.float64)
+    y = 0.5 * jac.astype(np.float64)
+    ref = _simplex_ref(np.full(3, 1 / 3) - 0.1 * (y @ y.T) @ np.full(3, 1 / 3))
+    np.testing.assert_allclose(lam, ref, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(upd), ref @ y, rtol=1e-5, atol=1e-6 * scale)
+    assert abs(lam.sum() - 1) < 1e-6 and np.linalg.norm(upd) > 0
+
+
 # ----------------------------------------------------------------------------- scale (12.1)
 
 @pytest.mark.parametrize("name,hp", [("mgda", {}), ("upgrad", {}), ("dualproj", {}),
