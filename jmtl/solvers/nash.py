@@ -52,8 +52,9 @@ def nash_bargaining(gramian: jax.Array, alpha0: jax.Array | None = None,
         may be traced.
       max_iter: maximum number of Newton steps (static).
       tol: stop when every relative residual ``|α_i (Gα)_i - 1|`` is at most ``tol``
-        (default ``10 K eps``); may be traced. When no step decreases ``F`` any more (the
-        floating-point floor), a residual below ``sqrt(eps)`` is accepted.
+        (default ``10 K eps``); may be traced. The iterations also stop when a step no
+        longer moves ``α`` (the floating-point floor); a residual below ``sqrt(eps)``
+        counts as converged (the floor grows with the conditioning of ``G``).
 
     Returns:
       A :class:`~jmtl.solvers.SolverResult`: ``x`` the ``(K,)`` solution (positive on
@@ -143,14 +144,15 @@ def nash_bargaining(gramian: jax.Array, alpha0: jax.Array | None = None,
         first = jnp.argmax(ok)
         accept = jnp.any(ok)
         new = jnp.where(accept, cand[first], a)
-        return new, it + 1, accept, converged(new)
+        moved = accept & (jnp.max(jnp.abs(new - a) / a) > 8 * float(jnp.finfo(dtype).eps))
+        return new, it + 1, moved, converged(new)
 
     beta0 = jnp.where(objective(warm) <= objective(cold), warm, cold)
     init = (beta0, jnp.int32(0), jnp.bool_(True), converged(beta0))
     beta, it, _, done = jax.lax.while_loop(cond, body, init)
-    # A stop without a step that decreases F is the floating-point floor: accepted when
-    # the residual is below sqrt(eps) (ill-conditioned C), else reported.
-    floor = residual(beta) <= float(jnp.finfo(dtype).eps) ** 0.5
-    ok = done | (floor & (it < max_iter))
+    # The floating-point floor of the residual grows with cond(C): a residual below
+    # sqrt(eps) also counts as converged (float32: 3e-4, reached when the iterates stop
+    # moving or at max_iter).
+    ok = done | (residual(beta) <= float(jnp.finfo(dtype).eps) ** 0.5)
     alpha = jnp.where(active, beta * inv_n, 0.0)
     return SolverResult(x=alpha, converged=ok | ~jnp.any(active), iterations=it)
