@@ -132,6 +132,7 @@ def _min_norm_ref(g):
 
 
 # Seeds of 20×10 rank-10 Jacobians on which block pivoting alone hit its 3K+10 cap.
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [2, 5, 24])
 def test_mgda_converges_on_hard_20x10(seed):
     rng = np.random.default_rng(0)
@@ -152,6 +153,7 @@ def test_mgda_converges_on_hard_20x10(seed):
                 assert np.all(gw >= w @ gw - 1e-9 * np.trace(jp @ jp.T))
 
 
+@pytest.mark.slow
 def test_nonneg_qp_cap_reports_and_stays_feasible():
     rng = np.random.default_rng(0)
     for _ in range(3):
