@@ -100,7 +100,7 @@ def test_project_dual_cone_kkt_float64(k, d):
     g = jac @ jac.T
     u = np.abs(rng.standard_normal(k))
     with jax.enable_x64(True):
-        w = np.asarray(solvers.project_dual_cone(jnp.asarray(g), jnp.asarray(u)))
+        w = np.asarray(solvers.project_dual_cone(jnp.asarray(g), jnp.asarray(u)).x)
     scale = np.trace(g) * np.abs(w).max()
     gw = g @ w
     assert np.all(w >= u - 1e-12)                     # dual feasibility (λ >= 0)
@@ -119,7 +119,7 @@ def test_min_norm_two_tasks_closed_form():
         gamma = np.clip((g2 - g1) @ g2 / np.sum((g1 - g2) ** 2), 0.0, 1.0)
         jac = np.stack([g1, g2])
         with jax.enable_x64(True):
-            w = np.asarray(solvers.min_norm_weights(jnp.asarray(jac @ jac.T)))
+            w = np.asarray(solvers.min_norm_weights(jnp.asarray(jac @ jac.T)).x)
         np.testing.assert_allclose(w, [gamma, 1 - gamma], rtol=1e-8, atol=1e-10)
 
 
@@ -129,7 +129,7 @@ def test_min_norm_kkt_float64(k, d):
     jac = rng.standard_normal((k, d)) + 0.5
     g = jac @ jac.T
     with jax.enable_x64(True):
-        w = np.asarray(solvers.min_norm_weights(jnp.asarray(g)))
+        w = np.asarray(solvers.min_norm_weights(jnp.asarray(g)).x)
     assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-12
     gw = g @ w
     mu = w @ gw
@@ -144,16 +144,17 @@ def test_nash_bargaining_fixed_point_float64():
     g = jac @ jac.T
     g = g / np.linalg.norm(g)
     with jax.enable_x64(True):
-        a = np.asarray(solvers.nash_bargaining(jnp.asarray(g), ridge=0.0, max_iter=50))
+        a = np.asarray(solvers.nash_bargaining(jnp.asarray(g), ridge=0.0, max_iter=50).x)
     assert np.all(a > 0)
     np.testing.assert_allclose(g @ a, 1.0 / a, rtol=1e-9)
 
 
 def test_nash_bargaining_warm_start_and_mask():
     g = jnp.diag(jnp.array([1.0, 4.0, 9.0]))
-    a = solvers.nash_bargaining(g, jnp.array([5.0, 0.1, 1.0]), jnp.array([True, True, False]),
-                                ridge=0.0)
-    np.testing.assert_allclose(a, [1.0, 0.5, 1.0], rtol=1e-5)
+    res = solvers.nash_bargaining(g, jnp.array([5.0, 0.1, 1.0]),
+                                  jnp.array([True, True, False]), ridge=0.0)
+    np.testing.assert_allclose(res.x, [1.0, 0.5, 0.0], rtol=1e-5)   # masked out: 0
+    assert bool(res.converged)
 
 
 @given(k=st.sampled_from([1, 5]), scale=st.sampled_from([0.0, 1e-30, 1e-6, 1.0, 1e6, 1e30]),
@@ -171,12 +172,13 @@ def test_solvers_finite_on_degenerate_input(k, scale, dup, zero_row, seed):
     p = _proj(g)
     assert np.all(np.isfinite(p))
     a = _nash(g)
-    assert np.all(np.isfinite(a)) and np.all(a > 0)
+    active = np.diag(np.asarray(g)) > 0
+    assert np.all(np.isfinite(a)) and np.all(a[active] > 0) and np.all(a[~active] == 0)
 
 
-_mn = jax.jit(solvers.min_norm_weights)
-_proj = jax.jit(lambda g: solvers.project_dual_cone(g, jnp.eye(g.shape[0])))
-_nash = jax.jit(solvers.nash_bargaining)
+_mn = jax.jit(lambda g: solvers.min_norm_weights(g).x)
+_proj = jax.jit(lambda g: solvers.project_dual_cone(g, jnp.eye(g.shape[0])).x)
+_nash = jax.jit(lambda g: solvers.nash_bargaining(g).x)
 
 
 def test_project_simplex_still_works():
@@ -205,8 +207,8 @@ def test_nonneg_qp_batched_cg_path_kkt_float64(kind):
         res = solvers.nonneg_qp(jnp.asarray(g), jnp.asarray(q), ridge=0.0)
         assert bool(jnp.all(res.converged))
         x = np.asarray(res.x)
-        qn, scale, _ = active_set._prepare(jnp.asarray(g), None, 0.0)
-        tol = active_set._default_tol(jnp.float64, k)
+        qn, scale, _ = active_set.prepare(jnp.asarray(g), None, 0.0)
+        tol = active_set.default_tol(jnp.float64, k)
         ref = active_set._bpp(qn, jnp.asarray(q) / scale, jnp.zeros((k, k), bool), 3 * k + 10,
                               tol)
     np.testing.assert_allclose(x, np.asarray(ref.x), rtol=1e-7, atol=1e-9 * np.abs(x).max())
@@ -224,8 +226,8 @@ def test_nonneg_qp_cg_fallback_to_direct(monkeypatch):
     g = jac @ jac.T / np.trace(jac @ jac.T) + 1e-4 * np.eye(k)
     q = rng.standard_normal((k, k))
     with jax.enable_x64(True):
-        qn, scale, _ = active_set._prepare(jnp.asarray(g), None, 0.0)
-        tol = active_set._default_tol(jnp.float64, k)
+        qn, scale, _ = active_set.prepare(jnp.asarray(g), None, 0.0)
+        tol = active_set.default_tol(jnp.float64, k)
         short = active_set._bpp_cg(qn, jnp.asarray(q) / scale, None, 3 * k + 10, tol, 2)
         assert not bool(jnp.all(short.converged))
         res = solvers.nonneg_qp(jnp.asarray(g), jnp.asarray(q), ridge=0.0)
@@ -234,7 +236,7 @@ def test_nonneg_qp_cg_fallback_to_direct(monkeypatch):
         single = np.asarray(solvers.nonneg_qp(jnp.asarray(g), jnp.asarray(q[0]), ridge=0.0).x)
         # Force the hand-over: with a 2-iteration CG budget the direct method finishes.
         monkeypatch.setattr(active_set, "_cg_cap", lambda k: 2)
-        forced = jax.jit(lambda a, b: active_set._solve(a, b, None, 3 * k + 10, tol))(
+        forced = jax.jit(lambda a, b: active_set.solve_prepared(a, b, None, 3 * k + 10, tol))(
             qn, jnp.asarray(q) / scale)
         assert bool(jnp.all(forced.converged))
     np.testing.assert_allclose(np.asarray(forced.x), x, rtol=1e-7,

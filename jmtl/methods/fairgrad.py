@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jmtl import _checks
 from jmtl.methods import base
 from jmtl.solvers import alpha_fair
 
@@ -33,10 +35,16 @@ def fairgrad(alpha: float = 1.0, max_iter: int = 100, tol: float | None = None
     gradient). When no positive solution exists (e.g. two exactly opposite gradients) a
     relative ridge of ``eps`` keeps the weights finite; they are then very large and the
     update is dominated by rounding. The authors' code clips the norm of the shared
-    gradient to 1; use ``optax.clip_by_global_norm(1.0)`` for that.
+    gradient to 1; use ``optax.clip_by_global_norm(1.0)`` for that. Task-specific
+    parameters (heads) receive their own unweighted gradient.
+
+    The Newton iterations stop at a relative residual of ``tol`` or at the floating-point
+    floor (typically under 20 iterations); were ``max_iter`` reached, the weights are the
+    last iterate (positive, with a lower objective than the start), a documented fallback
+    of :func:`jmtl.solvers.alpha_fair_weights`.
 
     Args:
-      alpha: fairness parameter, ``α > 0``.
+      alpha: fairness parameter, ``α > 0``; may be traced (e.g. an optax schedule).
       max_iter: most Newton iterations.
       tol: relative residual at which the solver stops (default: 10 eps of the dtype).
 
@@ -55,25 +63,35 @@ def fairgrad(alpha: float = 1.0, max_iter: int = 100, tol: float | None = None
     References:
       Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024.
     """
-    if not (isinstance(alpha, (int, float)) and np.isfinite(alpha) and alpha > 0):
+    if _checks.is_concrete(alpha) and not (np.ndim(alpha) == 0 and np.isfinite(alpha)
+                                           and float(alpha) > 0):
         raise ValueError(f"method 'fairgrad': alpha must be a finite positive number, "
                          f"got {alpha!r}")
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
         raise ValueError(f"method 'fairgrad': max_iter must be a positive integer, "
                          f"got {max_iter!r}")
-    if tol is not None and not (np.isfinite(tol) and tol > 0):
+    if tol is not None and _checks.is_concrete(tol) and not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"method 'fairgrad': tol must be a positive number, got {tol!r}")
-    alpha = float(alpha)
 
     init = base.stateless_init
 
     def update(inputs: base.Inputs, state: base.EmptyState
                ) -> tuple[jax.Array, base.EmptyState]:
-        w = alpha_fair.alpha_fair_weights(inputs.gramian, alpha, mask=inputs.present,
-                                          max_iter=int(max_iter), tol=tol)
-        return w, state
+        gram = inputs.gramian
+        dtype = jnp.result_type(jnp.float32, gram.dtype)
+        res = alpha_fair.alpha_fair_weights(gram, alpha, mask=inputs.present,
+                                            max_iter=int(max_iter), tol=tol)
+        # The Gramian is G / s² (pre-scaled rows); the solution of the raw equation is
+        # w = ŵ · s^(-2α/(α+1)). The exponent of that factor is limited so the weights stay
+        # in the normal float range (|J| beyond about 1e15 in float32 with α = 1): the
+        # direction is then exact and the magnitude saturates.
+        a = jnp.asarray(alpha, dtype)
+        log2_s = jnp.log2(base.gram_scale(inputs, dtype))
+        top = jnp.max(jnp.where(res.x > 0, jnp.log2(jnp.where(res.x > 0, res.x, 1.0)), 0.0))
+        lim = 0.8 * jnp.log2(jnp.finfo(dtype).max)
+        expo = jnp.clip(-2.0 * a / (a + 1.0) * log2_s, -lim - top, lim - top)
+        return res.x * jnp.exp2(expo), state
 
     return base.Method(name="fairgrad", init=init, update=update,
                        needs=frozenset({base.GRAMIAN}), output="weights",
-                       weights_task_specific=False,
-                       hparams=(("alpha", alpha), ("max_iter", max_iter), ("tol", tol)))
+                       weights_task_specific=False)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jmtl import _checks
 from jmtl import jacobian as jac_lib
 from jmtl.methods import base
 from jmtl.methods.db_mtl import check_dim, ema_schedule, require_dim, scaled_row_norms
@@ -35,7 +36,7 @@ class MoCoState(NamedTuple):
     "permutation_equivariant", "jit_consistent", "finite", "absent_tasks", "state_pytree"))
 def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
          gamma_sigma: float = 0.5, rho: float = 0.0,
-         normalize_grads: bool = False) -> base.Method:
+         normalize_grads: bool = False, lambda_update: str = "projection") -> base.Method:
     """MoCo: MGDA-like weights on tracked gradients, updated by one projected step.
 
     The tracking variables follow each task's gradient,
@@ -45,10 +46,12 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
     using the new ``Y``; the update is ``Yᵀλ`` (the paper's Algorithm 1, from the
     uniform ``λ``).
 
-    LibMTL replaces the simplex projection by a softmax and rescales every gradient
-    to norm ``L_i`` before tracking (from the authors' code); the projection here
-    follows the paper, and ``normalize_grads=True`` turns the rescaling on (it then
-    needs the losses).
+    LibMTL replaces the simplex projection by a softmax,
+    ``λ ← softmax(λ − γ_k (YYᵀ + ρI) λ)`` (``lambda_update="softmax"``), and rescales
+    every gradient to norm ``L_i`` before tracking (from the authors' code); the default
+    ``lambda_update="projection"`` follows the paper, and ``normalize_grads=True`` turns
+    the rescaling on (it then needs the losses). The projection is exact at any gradient
+    scale. Task-specific parameters (heads) receive their own unweighted gradient.
 
     Absent tasks: their ``y_i``, counts and ``λ_i`` are not updated and they do not
     enter the update. The step is taken on the present tasks' ``λ`` renormalised to
@@ -63,6 +66,8 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
       gamma_sigma: decay exponent ``γ_σ`` of the step size (LibMTL default 0.5).
       rho: the ``ℓ₂`` regularisation ``ρ`` of ``λ`` (LibMTL default 0).
       normalize_grads: rescale each gradient to norm ``L_i`` first (LibMTL; default off).
+      lambda_update: ``"projection"`` (the paper: Euclidean projection onto the simplex)
+        or ``"softmax"`` (LibMTL).
 
     Returns:
       A :class:`~jmtl.methods.base.Method` (needs the Jacobian, and the losses with
@@ -82,8 +87,11 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
       Multi-objective Learning: A Provably Convergent Approach", ICLR 2023.
     """
     for name, val in (("beta", beta), ("gamma", gamma), ("rho", rho)):
-        if val < 0:
+        if _checks.is_concrete(val) and not float(val) >= 0:   # traced values pass
             raise ValueError(f"method 'moco': {name} must be non-negative, got {val}")
+    if lambda_update not in ("projection", "softmax"):
+        raise ValueError(f"method 'moco': lambda_update must be 'projection' or 'softmax', "
+                         f"got {lambda_update!r}")
     needs = {base.JACOBIAN} | ({base.LOSSES} if normalize_grads else set())
 
     def init(num_tasks: int, dim: int | None = None) -> MoCoState:
@@ -119,7 +127,13 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
         big = jnp.finfo(dtype).max / (4 * k)
         gram = jnp.clip(jac_lib.gramian(y_p), -big, big) + rho * jnp.eye(k, dtype=dtype)
         gamma_k = gamma / jnp.maximum(step, 1).astype(dtype) ** gamma_sigma
-        moved = project_simplex(start - gamma_k * (gram @ start), mask=present)
+        step_to = start - gamma_k * (gram @ start)
+        if lambda_update == "softmax":
+            logits = jnp.where(present, step_to, -jnp.inf)
+            moved = jnp.where(present, jax.nn.softmax(logits), 0.0)
+            moved = jnp.where(jnp.any(present), moved, 0.0)
+        else:
+            moved = project_simplex(step_to, mask=present)
         direction = moved @ y_p
         new_lam = jnp.where(present, moved * mass, lam)
         new_state = MoCoState(y=y.astype(state.y.dtype), lam=new_lam.astype(state.lam.dtype),
@@ -127,7 +141,4 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
         return direction, new_state
 
     return base.Method(name="moco", init=init, update=update, needs=frozenset(needs),
-                       output="direction", weights_task_specific=False,
-                       hparams=(("beta", beta), ("beta_sigma", beta_sigma), ("gamma", gamma),
-                                ("gamma_sigma", gamma_sigma), ("rho", rho),
-                                ("normalize_grads", normalize_grads)))
+                       output="direction", weights_task_specific=False)

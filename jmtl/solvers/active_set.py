@@ -22,6 +22,21 @@ with the true ``y = Qx + q`` (stationarity on the free set included). If a solve
 its tolerance within ``2K + 20`` iterations (ill-conditioned ``Q``), the direct method
 finishes from the free sets reached so far, so the answer is exact either way.
 
+Block pivoting can need many single swaps on degenerate problems (singular ``Q`` with
+a tiny ridge, e.g. MGDA's min-norm QP on a 20×10 Jacobian: up to 140 iterations in
+float64). It is therefore given a budget of iterations (:func:`bpp_budget`);
+problems it leaves unsolved are finished by the Lawson–Hanson active-set method
+(Lawson & Hanson 1974, ch. 23) started from the clipped point reached: each of its
+iterations adds the most violated variable or steps back to feasibility, the objective
+decreases monotonically and every iterate is feasible (``x >= 0``). It runs for at most
+``max_iter`` iterations (default :func:`default_max_iter`, ``10K + 50``; about ``K``
+are typical). A final refinement step (one more solve with the residual of the free
+block) polishes the solution, so float32 results agree to rounding across row orders.
+
+Convergence is reported: :class:`NonnegQPResult` ``.converged`` is False when the KKT
+conditions do not hold to ``tol`` after ``max_iter`` iterations; ``x`` is then the last
+Lawson–Hanson iterate, feasible and with an objective no larger than at ``x = 0``.
+
 Scale: ``Q`` is divided by its largest diagonal entry before solving (the solution
 is rescaled back), and a ridge ``ridge · max(diag Q)`` is added to its diagonal so
 singular ``Q`` (duplicated or zero rows, K > rank) stays positive definite.
@@ -29,12 +44,14 @@ singular ``Q`` (duplicated or zero rows, K > rank) stays positive definite.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["NonnegQPResult", "nonneg_qp", "project_dual_cone", "default_ridge"]
+__all__ = ["NonnegQPResult", "nonneg_qp", "project_dual_cone", "default_ridge",
+           "default_tol", "default_max_iter"]
 
 # Patience of the "swap every violator" rule before Murty's single swap (Kim & Park use 3).
 _PATIENCE = 3
@@ -76,8 +93,34 @@ def default_ridge(dtype) -> float:
     return 1e-12 if jnp.dtype(dtype) == jnp.float64 else 1e-6
 
 
-def _default_tol(dtype, k: int) -> float:
+def default_tol(dtype, k: int) -> float:
+    """The relative KKT tolerance of the solvers: ``100 sqrt(K) eps`` of the dtype.
+
+    Examples:
+      >>> default_tol(jnp.float64, 4) < 1e-13
+      True
+    """
     return float(100.0 * (k ** 0.5) * jnp.finfo(dtype).eps)
+
+
+def default_max_iter(k: int) -> int:
+    """Default bound ``10K + 50`` on the Lawson–Hanson iterations (about ``K`` are typical).
+
+    Examples:
+      >>> default_max_iter(20)
+      250
+    """
+    return 10 * k + 50
+
+
+def bpp_budget(k: int, batch: int, max_iter: int) -> int:
+    """Iterations given to block pivoting before Lawson–Hanson takes over.
+
+    ``K + 10`` for batches (UPGrad's K projections: one Lawson–Hanson iteration costs a
+    batched factorisation), 12 for a single problem (Lawson–Hanson needs about as many
+    iterations as the solution has positive entries); at most ``max_iter``.
+    """
+    return min(max_iter, k + 10 if batch >= _CG_MIN_BATCH else 12)
 
 
 def _tiers(k: int) -> tuple[int, ...]:
@@ -137,7 +180,7 @@ def _solve_block(q_mat: jax.Array, rhs: jax.Array, free: jax.Array, m: int) -> j
     return jnp.zeros_like(rhs).at[rows, jnp.where(valid, order, k)].set(y, mode="drop")
 
 
-def _masked_solve(q_mat: jax.Array, rhs: jax.Array, free: jax.Array) -> jax.Array:
+def masked_solve(q_mat: jax.Array, rhs: jax.Array, free: jax.Array) -> jax.Array:
     """Batched ``Q_FF x_F = rhs_F``; picks the smallest compiled block size that fits."""
     k = rhs.shape[-1]
     tiers = _tiers(k)
@@ -178,7 +221,7 @@ def _bpp(q_mat: jax.Array, q: jax.Array, free0: jax.Array, max_iter: int,
     q_scale = jnp.max(jnp.abs(q), axis=1, keepdims=True)
 
     def evaluate(free):
-        x = _masked_solve(q_mat, -q, free)
+        x = masked_solve(q_mat, -q, free)
         y = x @ q_mat + q
         x_scale = jnp.max(jnp.abs(x), axis=1, keepdims=True)
         y_scale = q_scale + diag_max * x_scale
@@ -311,8 +354,19 @@ def _bpp_cg(q_mat: jax.Array, q: jax.Array, free0: jax.Array | None, max_iter: i
                           converged=~jnp.any(bad, axis=1) & ~failed)
 
 
-def _prepare(q_mat, mask, ridge):
-    """Normalises ``Q`` by its largest diagonal entry, masks absent variables, adds the ridge."""
+def prepare(q_mat: jax.Array, mask: jax.Array | None, ridge) -> tuple[jax.Array, jax.Array,
+                                                                     jax.Array]:
+    """Normalises ``Q`` by its largest diagonal entry, masks absent variables, adds the ridge.
+
+    Args:
+      q_mat: ``(K, K)`` symmetric PSD matrix.
+      mask: ``(K,)`` bool of the variables taking part, or ``None`` (all).
+      ridge: relative ridge (``None``: :func:`default_ridge`); may be traced.
+
+    Returns:
+      ``(qn, scale, mask)``: ``qn = Q / scale + ridge · I`` with identity rows and columns
+      for masked-out variables, and ``scale = max(diag Q)`` (1 for a zero matrix).
+    """
     k = q_mat.shape[-1]
     dtype = q_mat.dtype
     eye = jnp.eye(k, dtype=dtype)
@@ -326,63 +380,115 @@ def _prepare(q_mat, mask, ridge):
     qn = q_mat / scale
     if ridge is None:
         ridge = default_ridge(dtype)
-    qn = qn + ridge * eye
+    qn = qn + jnp.asarray(ridge, dtype) * eye
     # Absent variables: an identity row/column, so they decouple and solve to 0.
     qn = jnp.where(pair | (eye > 0), qn, 0.0)
     qn = jnp.where(mask[:, None] | mask[None, :], qn, eye)
     return qn, scale, mask
 
 
-def _nonneg_qp_impl(q_mat: jax.Array, q: jax.Array, mask: jax.Array | None = None, *,
-                    ridge: float | None = None, free0: jax.Array | None = None,
-                    max_iter: int | None = None, tol: float | None = None) -> NonnegQPResult:
-    """Implementation of :func:`nonneg_qp` (jitted there)."""
-    dtype = jnp.result_type(jnp.float32, q_mat.dtype, q.dtype)
-    q_mat = jnp.asarray(q_mat, dtype)
-    q = jnp.asarray(q, dtype)
-    k = q_mat.shape[-1]
-    if q_mat.shape != (k, k) or q.shape[-1] != k or q.ndim not in (1, 2):
-        raise ValueError(f"nonneg_qp: Q has shape {q_mat.shape} and q {q.shape}; expected "
-                         "(K, K) and (K,) or (B, K)")
-    qn, scale, mask = _prepare(q_mat, mask, ridge)
-    qv = jnp.where(mask, q / scale, 0.0)
-    if max_iter is None:
-        max_iter = 3 * k + 10
-    if tol is None:
-        tol = _default_tol(dtype, k)
-    if free0 is not None:
-        free0 = jnp.broadcast_to(free0, q.shape) & mask
-    qb = qv if q.ndim == 2 else qv[None]
-    f0 = None if free0 is None else (free0 if q.ndim == 2 else free0[None])
-    res = _solve(qn, qb, f0, max_iter, tol)
-    if q.ndim == 1:
-        res = jax.tree_util.tree_map(lambda a: a[0], res)
-    return res
+def _kkt(q_mat, q, x, free, tol):
+    """``(y, violated)``: the gradient ``y = Qx + q`` and the active variables with ``y < 0``."""
+    diag_max = jnp.max(jnp.abs(jnp.diag(q_mat)))
+    q_scale = jnp.max(jnp.abs(q), axis=1, keepdims=True)
+    x_scale = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+    y = x @ q_mat + q
+    return y, ~free & (y < -tol * (q_scale + diag_max * x_scale)), q_scale + diag_max * x_scale
 
 
-def _solve(qn: jax.Array, q: jax.Array, free0: jax.Array | None, max_iter: int,
-           tol: float) -> NonnegQPResult:
-    """CG-based pivoting for batches, finished by the direct method where CG falls short."""
+def _lawson_hanson(q_mat: jax.Array, q: jax.Array, x0: jax.Array, max_iter: int,
+                   tol) -> NonnegQPResult:
+    """Lawson–Hanson active-set iterations on a batch of problems sharing ``Q`` (PD).
+
+    Starts from the feasible ``x0 >= 0`` with the free set its support. Each iteration
+    solves the free block; if the solution is positive it is accepted and the most
+    violated active variable is freed (or the problem is solved), otherwise the iterate
+    moves towards it until the first free variable reaches 0, which becomes active.
+    Iterates stay feasible and the objective never increases.
+    """
     b, k = q.shape
+    idx = jnp.arange(k)[None, :]
+
+    def cond(s):
+        _, _, done, it = s
+        return jnp.any(~done) & (it < max_iter)
+
+    def body(s):
+        x, free, done, it = s
+        z = jnp.where(free, masked_solve(q_mat, -q, free), 0.0)
+        feasible = jnp.all(~free | (z > 0), axis=1, keepdims=True)
+        # Infeasible: step from x towards z until the first free variable reaches 0.
+        block = free & (z <= 0)
+        ratio = jnp.where(block, x / jnp.where(block, x - z, 1.0), jnp.inf)
+        first = jnp.argmin(ratio, axis=1)[:, None]
+        step = jnp.clip(jnp.min(ratio, axis=1, keepdims=True), 0.0, 1.0)
+        xb = jnp.where(free, x + step * (z - x), 0.0)
+        drop = free & ((xb <= 0) | (idx == first))
+        # Feasible: accept z and free the most violated active variable.
+        _, viol, y_scale = _kkt(q_mat, q, z, free, tol)
+        y = z @ q_mat + q
+        worst = jnp.argmin(jnp.where(viol, y / y_scale, jnp.inf), axis=1)[:, None]
+        any_viol = jnp.any(viol, axis=1, keepdims=True)
+        new_x = jnp.where(feasible, z, jnp.where(drop, 0.0, xb))
+        new_free = jnp.where(feasible, free | (any_viol & (idx == worst)), free & ~drop)
+        keep = done[:, None]
+        return (jnp.where(keep, x, new_x), jnp.where(keep, free, new_free),
+                done | (feasible & ~any_viol)[:, 0], it + 1)
+
+    x0 = jnp.maximum(x0, 0.0)
+    init = (x0, x0 > 0, jnp.zeros((b,), bool), jnp.int32(0))
+    x, free, done, it = jax.lax.while_loop(cond, body, init)
+    return NonnegQPResult(x=x, free=free, iterations=jnp.full((b,), it), converged=done)
+
+
+def _polish(q_mat: jax.Array, q: jax.Array, res: NonnegQPResult) -> NonnegQPResult:
+    """One step of iterative refinement of the free-block solution (converged problems)."""
+    r = jnp.where(res.free, -(res.x @ q_mat + q), 0.0)
+    dx = masked_solve(q_mat, r, res.free)
+    x = jnp.where(res.converged[:, None] & res.free, jnp.maximum(res.x + dx, 0.0), res.x)
+    return res._replace(x=x)
+
+
+def solve_prepared(qn: jax.Array, q: jax.Array, free0: jax.Array | None, max_iter: int,
+                   tol) -> NonnegQPResult:
+    """Solves a batch ``q: (B, K)`` of problems on a :func:`prepare`-d matrix ``qn``.
+
+    Block principal pivoting (by CG for batches of at least two, finished by the direct
+    method) for :func:`bpp_budget` iterations, warm-started from ``free0`` when given;
+    problems it leaves unsolved go to Lawson–Hanson from the clipped point reached, for
+    ``max_iter`` iterations; the result is polished by one refinement step.
+    """
+    b, k = q.shape
+    budget = bpp_budget(k, b, max_iter)
     if b < _CG_MIN_BATCH:
         f0 = jnp.zeros(q.shape, bool) if free0 is None else free0
-        return _bpp(qn, q, f0, max_iter, tol)
-    res = _bpp_cg(qn, q, free0, max_iter, tol, _cg_cap(k))
+        res = _bpp(qn, q, f0, budget, tol)
+    else:
+        res = _bpp_cg(qn, q, free0, budget, tol, _cg_cap(k))
+
+        def direct(res):
+            out = _bpp(qn, q, res.free, budget, tol)
+            return out._replace(iterations=out.iterations + res.iterations)
+
+        res = jax.lax.cond(jnp.all(res.converged), lambda r: r, direct, res)
 
     def finish(res):
-        out = _bpp(qn, q, res.free, max_iter, tol)
+        x0 = jnp.where(res.converged[:, None], res.x, jnp.maximum(res.x, 0.0))
+        out = _lawson_hanson(qn, q, x0, max_iter, tol)
+        out = jax.tree_util.tree_map(
+            lambda a, c: jnp.where(jnp.reshape(res.converged, (b,) + (1,) * (a.ndim - 1)),
+                                   c, a), out, res)
         return out._replace(iterations=out.iterations + res.iterations)
 
-    return jax.lax.cond(jnp.all(res.converged), lambda r: r, finish, res)
+    res = jax.lax.cond(jnp.all(res.converged), lambda r: r, finish, res)
+    return _polish(qn, q, res)
 
 
-_nonneg_qp_jit = jax.jit(_nonneg_qp_impl, static_argnames=('ridge', 'max_iter', 'tol'))
-
-
+@functools.partial(jax.jit, static_argnames=("max_iter",))
 def nonneg_qp(q_mat: jax.Array, q: jax.Array, mask: jax.Array | None = None, *,
               ridge: float | None = None, free0: jax.Array | None = None,
               max_iter: int | None = None, tol: float | None = None) -> NonnegQPResult:
-    """Solves ``min_{x >= 0} ½ xᵀ Q x + qᵀ x`` exactly (block principal pivoting).
+    """Solves ``min_{x >= 0} ½ xᵀ Q x + qᵀ x`` exactly (active-set methods).
 
     Args:
       q_mat: ``(K, K)`` symmetric positive semi-definite matrix.
@@ -391,55 +497,61 @@ def nonneg_qp(q_mat: jax.Array, q: jax.Array, mask: jax.Array | None = None, *,
       mask: optional ``(K,)`` bool; variables with ``False`` are fixed to 0 and removed
         from the problem.
       ridge: relative ridge: ``ridge · max(diag Q)`` is added to the diagonal (default
-        :func:`default_ridge`). Pass 0.0 only for a positive definite ``Q``.
+        :func:`default_ridge`; may be traced). Pass 0.0 only for a positive definite ``Q``.
       free0: optional ``(K,)`` / ``(B, K)`` bool initial free set (warm start);
         default: all variables at 0.
-      max_iter: bound on pivot iterations (default ``3K + 10``; typical problems need
-        fewer than 5).
+      max_iter: bound on the Lawson–Hanson iterations that finish what block pivoting
+        (at most ``K + 10`` iterations) leaves unsolved (static; default
+        :func:`default_max_iter`, ``10K + 50``).
       tol: relative KKT tolerance used to accept the active set (default
-        ``100 sqrt(K) eps``).
+        :func:`default_tol`, ``100 sqrt(K) eps``).
 
     Returns:
       A :class:`NonnegQPResult`; ``x`` has the shape of ``q`` and the dtype of
-      ``Q`` / ``q`` (float32, or float64 when an input is float64).
+      ``Q`` / ``q`` (float32, or float64 when an input is float64). ``converged`` is
+      False where the KKT conditions do not hold after ``max_iter`` iterations; ``x`` is
+      then feasible and its objective is at most that of ``x = 0``.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> res = nonneg_qp(jnp.eye(2), jnp.array([-1.0, 2.0]), ridge=0.0)
-      >>> res.x.tolist()
-      [1.0, 0.0]
+      >>> res.x.tolist(), bool(res.converged)
+      ([1.0, 0.0], True)
 
     References:
       Júdice & Pires, "A block principal pivoting algorithm for large-scale strictly
       monotone linear complementarity problems", Computers & OR 21(5), 1994.
       Kim & Park, "Fast nonnegative matrix factorization: an active-set-like method and
       comparisons", SIAM J. Sci. Comput. 33(6), 2011.
+      Lawson & Hanson, "Solving Least Squares Problems", Prentice-Hall, 1974, ch. 23.
     """
-    return _nonneg_qp_jit(q_mat, q, mask, ridge=ridge, free0=free0, max_iter=max_iter, tol=tol)
+    dtype = jnp.result_type(jnp.float32, q_mat.dtype, q.dtype)
+    q_mat = jnp.asarray(q_mat, dtype)
+    q = jnp.asarray(q, dtype)
+    k = q_mat.shape[-1]
+    if q_mat.shape != (k, k) or q.shape[-1] != k or q.ndim not in (1, 2):
+        raise ValueError(f"nonneg_qp: Q has shape {q_mat.shape} and q {q.shape}; expected "
+                         "(K, K) and (K,) or (B, K)")
+    qn, scale, mask = prepare(q_mat, mask, ridge)
+    qv = jnp.where(mask, q / scale, 0.0)
+    if max_iter is None:
+        max_iter = default_max_iter(k)
+    if tol is None:
+        tol = default_tol(dtype, k)
+    if free0 is not None:
+        free0 = jnp.broadcast_to(free0, q.shape) & mask
+    qb = qv if q.ndim == 2 else qv[None]
+    f0 = None if free0 is None else (free0 if q.ndim == 2 else free0[None])
+    res = solve_prepared(qn, qb, f0, max_iter, tol)
+    if q.ndim == 1:
+        res = jax.tree_util.tree_map(lambda a: a[0], res)
+    return res
 
 
-def _project_dual_cone_impl(gramian: jax.Array, u: jax.Array, mask: jax.Array | None = None, *,
-                      ridge: float | None = None, max_iter: int | None = None,
-                      tol: float | None = None) -> jax.Array:
-    """Implementation of :func:`project_dual_cone` (jitted there)."""
-    dtype = jnp.result_type(jnp.float32, gramian.dtype, u.dtype)
-    gramian = jnp.asarray(gramian, dtype)
-    k = gramian.shape[-1]
-    if mask is None:
-        mask = jnp.ones((k,), bool)
-    u = jnp.where(mask, jnp.asarray(u, dtype), 0.0)
-    g = jnp.where(mask[:, None] & mask[None, :], gramian, 0.0)
-    lam = nonneg_qp(g, u @ g, mask, ridge=ridge, max_iter=max_iter, tol=tol).x
-    return jnp.where(mask, u + lam, 0.0)
-
-
-_project_dual_cone_jit = jax.jit(_project_dual_cone_impl,
-                                 static_argnames=("ridge", "max_iter", "tol"))
-
-
+@functools.partial(jax.jit, static_argnames=("max_iter",))
 def project_dual_cone(gramian: jax.Array, u: jax.Array, mask: jax.Array | None = None, *,
                       ridge: float | None = None, max_iter: int | None = None,
-                      tol: float | None = None) -> jax.Array:
+                      tol: float | None = None) -> NonnegQPResult:
     """Weights of the projection of ``Jᵀu`` onto the dual cone ``{x : J x >= 0}``.
 
     With ``G = J Jᵀ``, the projection of ``Jᵀu`` onto the cone of directions that
@@ -455,18 +567,19 @@ def project_dual_cone(gramian: jax.Array, u: jax.Array, mask: jax.Array | None =
       mask: optional ``(K,)`` bool of rows taking part; other rows are ignored and get
         weight 0.
       ridge: relative ridge added to ``G`` (see :func:`nonneg_qp`).
-      max_iter: pivot iteration bound (see :func:`nonneg_qp`).
+      max_iter: iteration bound (see :func:`nonneg_qp`).
       tol: KKT tolerance (see :func:`nonneg_qp`).
 
     Returns:
-      ``w`` with the shape of ``u``: ``J (Jᵀ w) >= 0``, ``w >= u``, and ``(w - u)_i > 0``
-      only where ``(G w)_i = 0``.
+      A :class:`NonnegQPResult` whose ``x`` is ``w`` with the shape of ``u``:
+      ``J (Jᵀ w) >= 0``, ``w >= u``, and ``(w - u)_i > 0`` only where ``(G w)_i = 0``.
+      Where ``converged`` is False, ``w >= u`` still holds but the cone constraint may not.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> g = jnp.array([[1.0, 0.0], [-1.0, 1.0]])  # two conflicting gradients
-      >>> w = project_dual_cone(g @ g.T, jnp.array([1.0, 0.0]))
-      >>> [round(x, 4) for x in (w @ g).tolist()]   # g_1 projected: orthogonal to g_2
+      >>> res = project_dual_cone(g @ g.T, jnp.array([1.0, 0.0]))
+      >>> [round(x, 4) for x in (res.x @ g).tolist()]   # g_1 projected: orthogonal to g_2
       [0.5, 0.5]
 
     References:
@@ -474,4 +587,12 @@ def project_dual_cone(gramian: jax.Array, u: jax.Array, mask: jax.Array | None =
       Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS
       2017.
     """
-    return _project_dual_cone_jit(gramian, u, mask, ridge=ridge, max_iter=max_iter, tol=tol)
+    dtype = jnp.result_type(jnp.float32, gramian.dtype, u.dtype)
+    gramian = jnp.asarray(gramian, dtype)
+    k = gramian.shape[-1]
+    if mask is None:
+        mask = jnp.ones((k,), bool)
+    u = jnp.where(mask, jnp.asarray(u, dtype), 0.0)
+    g = jnp.where(mask[:, None] & mask[None, :], gramian, 0.0)
+    res = nonneg_qp(g, u @ g, mask, ridge=ridge, max_iter=max_iter, tol=tol)
+    return res._replace(x=jnp.where(mask, u + res.x, 0.0))

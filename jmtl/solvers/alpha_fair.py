@@ -18,13 +18,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jmtl.solvers.result import SolverResult
+
 __all__ = ["alpha_fair_weights"]
 
 _N_STEPS = 24  # candidate step sizes 1, 1/2, ..., 2^-23 of the admissible step
 
 
+@functools.partial(jax.jit, static_argnames=("max_iter",))
 def alpha_fair_weights(gramian: jax.Array, alpha: float, mask: jax.Array | None = None,
-                       max_iter: int = 100, tol: float | None = None) -> jax.Array:
+                       max_iter: int = 100, tol: float | None = None) -> SolverResult:
     """Solves ``G w = w^{-1/α}`` with ``w > 0`` on the active rows.
 
     Rows outside ``mask`` and rows with a zero diagonal (zero gradients, for which the
@@ -37,33 +40,28 @@ def alpha_fair_weights(gramian: jax.Array, alpha: float, mask: jax.Array | None 
 
     Args:
       gramian: ``(K, K)`` symmetric PSD Gramian.
-      alpha: fairness parameter, ``α > 0`` (static Python float).
+      alpha: fairness parameter, ``α > 0``; may be traced.
       mask: optional ``(K,)`` bool, the rows to use.
       max_iter: most Newton iterations (static).
       tol: stop when ``max_i |(G w)_i - w_i^{-1/α}| / w_i^{-1/α} <= tol`` (default: 10 eps
-        of the dtype; the loop also stops at the floating-point floor).
+        of the dtype); may be traced. When no step decreases the objective any more (the
+        floating-point floor), a residual below ``sqrt(eps)`` is accepted.
 
     Returns:
-      ``(K,)`` weights, positive on active rows and 0 elsewhere, in the Gramian's dtype
-      (float32 or float64).
+      A :class:`~jmtl.solvers.SolverResult`: ``x`` the ``(K,)`` weights, positive on
+      active rows and 0 elsewhere, in the Gramian's dtype (float32 or float64);
+      ``converged`` False when the tolerance was not met within ``max_iter`` iterations
+      (``x`` is then the last iterate: positive, with a lower objective than the start).
 
     Examples:
-      >>> w = alpha_fair_weights(jnp.array([[4.0, 0.0], [0.0, 1.0]]), alpha=1.0)
-      >>> [round(x, 4) for x in w.tolist()]  # 4 w_1 = 1 / w_1, w_2 = 1 / w_2
+      >>> res = alpha_fair_weights(jnp.array([[4.0, 0.0], [0.0, 1.0]]), alpha=1.0)
+      >>> [round(x, 4) for x in res.x.tolist()]  # 4 w_1 = 1 / w_1, w_2 = 1 / w_2
       [0.5, 1.0]
     """
-    if not alpha > 0:
-        raise ValueError(f"alpha_fair_weights: alpha must be positive, got {alpha!r}")
+    dtype = jnp.result_type(jnp.float32, gramian.dtype)
     if mask is None:
         mask = jnp.ones((gramian.shape[0],), bool)
-    return _solve(gramian, mask, alpha=float(alpha), max_iter=int(max_iter),
-                  tol=None if tol is None else float(tol))
-
-
-@functools.partial(jax.jit, static_argnames=("alpha", "max_iter", "tol"))
-def _solve(gramian: jax.Array, mask: jax.Array, *, alpha: float, max_iter: int,
-           tol: float | None) -> jax.Array:
-    dtype = jnp.result_type(jnp.float32, gramian.dtype)
+    alpha = jnp.asarray(alpha, dtype)
     g = gramian.astype(dtype)
     g = 0.5 * (g + g.T)
     eps = jnp.finfo(dtype).eps
@@ -80,15 +78,14 @@ def _solve(gramian: jax.Array, mask: jax.Array, *, alpha: float, max_iter: int,
     a_mat = a_mat + jnp.diag(jnp.where(active, eps, 1.0))
     inv_alpha = 1.0 / alpha
     power = 1.0 - inv_alpha
+    safe_power = jnp.where(power == 0, 1.0, power)
 
     def psi(w):  # the right-hand side w^{-1/α} (1 on inactive rows)
         return jnp.where(active, w ** (-inv_alpha), 1.0)
 
-    def big_f(w):  # F with F' = psi
-        if alpha == 1.0:
-            val = jnp.log(w)
-        else:
-            val = w ** power / power
+    def big_f(w):  # F with F' = psi: (w^p - 1) / p, log w at p = 0 (α = 1)
+        logw = jnp.log(w)
+        val = jnp.where(power == 0, logw, jnp.expm1(power * logw) / safe_power)
         return jnp.where(active, val, w)
 
     def phi(w):  # φ of a (K,) vector or of each row of a (J, K) batch
@@ -133,6 +130,9 @@ def _solve(gramian: jax.Array, mask: jax.Array, *, alpha: float, max_iter: int,
         return it + 1, w_new, jnp.where(found, cand_res[first], res), found & moved
 
     init = (jnp.int32(0), w0, rel_residuals(w0), jnp.bool_(True))
-    _, w, _, _ = jax.lax.while_loop(cond, body, init)
+    it, w, res, _ = jax.lax.while_loop(cond, body, init)
+    worst = jnp.max(jnp.where(active, jnp.abs(res), 0.0))
+    converged = (worst <= tol) | ((worst <= jnp.sqrt(eps)) & (it < max_iter))
     scale = t ** (-alpha / (alpha + 1.0))
-    return jnp.where(active, w * scale, 0.0)
+    return SolverResult(x=jnp.where(active, w * scale, 0.0), converged=converged,
+                        iterations=it)
