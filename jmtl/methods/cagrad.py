@@ -200,7 +200,6 @@ def cagrad(c: float = 0.4, rescale: int = 1) -> base.Method:
 
     def update(inputs: base.Inputs, state: base.EmptyState):
         gram, present = inputs.gramian, inputs.present
-        _checks.check_finite(gram, method="cagrad", what="Gramian")
         dtype = jnp.result_type(jnp.float32, gram.dtype)
         cc = jnp.asarray(c, dtype)
         factor = (1.0, 1.0 / (1.0 + cc * cc), 1.0 / (1.0 + cc))[rescale]

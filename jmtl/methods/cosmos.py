@@ -114,7 +114,6 @@ def cosmos(pref_vector=None, lamda: float = 2.0, dirichlet_alpha=None) -> base.M
         present = inputs.present
         k = present.shape[0]
         losses = jnp.where(present, inputs.losses, 0.0)
-        _checks.check_finite(losses, method="cosmos")
         dtype = jnp.result_type(jnp.float32, losses.dtype)
         if sampled:
             pref = jnp.where(present, sample_preference(inputs.key, k, dirichlet_alpha), 0.0)

@@ -180,7 +180,6 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-6,
                    if isinstance(state, GradNormState) else type(state).__name__)
             raise ValueError(f"method 'gradnorm': expected a GradNormState for {k} tasks, "
                              f"got {got}")
-        _checks.check_finite(jnp.where(present, inputs.losses, 0), method="gradnorm")
         if ratio_based:
             objectives.check_ratio_losses(inputs.losses, method="gradnorm", where=present)
         dtype = jnp.result_type(jnp.float32, inputs.losses.dtype, inputs.grad_norms.dtype)

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jmtl import _checks
 from jmtl.methods import _schedule, base
 from jmtl.methods import uw as uw_lib
 from jmtl.solvers import eigen
@@ -61,7 +60,6 @@ class IMTLState(NamedTuple):
 
 def _check_losses(name: str, losses: jax.Array, present: jax.Array) -> None:
     """Losses of present tasks must be finite and non-negative (else e^s L - s is unbounded)."""
-    _checks.check_finite(jnp.where(present, losses, 0.0), method=name)
     uw_lib.check_nonnegative(name, losses, present,
                              "the objective exp(s) L - s has no minimum otherwise")
 

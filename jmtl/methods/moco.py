@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl import _checks
 from jmtl import jacobian as jac_lib
@@ -30,6 +31,7 @@ class MoCoState(NamedTuple):
     lam: jax.Array
     count: jax.Array
     step: jax.Array
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 @base.register("moco", properties=(

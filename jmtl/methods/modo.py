@@ -180,7 +180,6 @@ def modo(gamma: float = 0.1, rho: float = 0.1, num_samples: int = 1) -> base.Met
 
     def update(inputs: base.Inputs, state: MoDoState):
         gram, present_all = inputs.gramian, inputs.present
-        _checks.check_finite(gram, method="modo", what="Gramian")
         num_tasks_per_sample("modo", gram.shape[0], n)
         dtype = jnp.result_type(jnp.float32, gram.dtype)
         present = sample_presence(present_all, n)

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl import _checks
 from jmtl.methods import base
@@ -31,6 +32,7 @@ class NashMTLState(NamedTuple):
     alpha: jax.Array
     step: jax.Array
     failures: jax.Array
+    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
 
 
 def _check_concrete(name: str, ok, message: str) -> None:
@@ -113,7 +115,6 @@ def nash_mtl(optim_niter: int = 20, max_norm: float = 1.0, update_weights_every:
 
     def update(inputs: base.Inputs, state: NashMTLState):
         gram, present = inputs.gramian, inputs.present
-        _checks.check_finite(gram, method="nash_mtl", what="Gramian")
         dtype = jnp.result_type(jnp.float32, gram.dtype)
         g = jnp.where(present[:, None] & present[None, :], jnp.asarray(gram, dtype), 0.0)
         s = base.gram_scale(inputs, dtype)            # G_raw = s² g, so α = β / s

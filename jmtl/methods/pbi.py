@@ -89,7 +89,6 @@ def pbi(pref_vector=None, theta: float = 5.0, ideal=0.0) -> base.Method:
     def update(inputs: base.Inputs, state: base.EmptyState):
         present = inputs.present
         losses = jnp.where(present, inputs.losses, 0.0)
-        _checks.check_finite(losses, method="pbi")
         dtype = jnp.result_type(jnp.float32, losses.dtype)
         pref = preference(pref_vector, present, dtype, "pbi")
         w = pbi_weights(losses.astype(dtype), pref, present, theta, ideal)

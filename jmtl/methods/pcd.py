@@ -120,7 +120,6 @@ def pcd(tau=0.02, beta: float = 0.999, eps: float = 1e-8) -> base.Method:
 
     def update(inputs: base.Inputs, state: PCDState):
         gram, present = inputs.gramian, inputs.present
-        _checks.check_finite(gram, method="pcd", what="Gramian")
         k = gram.shape[0]
         dtype = jnp.result_type(jnp.float32, gram.dtype)
         both = present[:, None] & present[None, :]

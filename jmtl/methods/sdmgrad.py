@@ -111,7 +111,6 @@ def sdmgrad(lamda: float = 0.3, niter: int = 20, lr: float = 10.0, momentum: flo
 
     def update(inputs: base.Inputs, state: SDMGradState):
         gram, present_all = inputs.gramian, inputs.present
-        _checks.check_finite(gram, method="sdmgrad", what="Gramian")
         k = num_tasks_per_sample("sdmgrad", gram.shape[0], n)
         dtype = jnp.result_type(jnp.float32, gram.dtype)
         present = sample_presence(present_all, n)

@@ -63,7 +63,6 @@ def _method(name, pref_vector, norm_eps, reg_eps, weights_fn) -> base.Method:
 
     def update(inputs: base.Inputs, state: base.EmptyState):
         gram, present = inputs.gramian, inputs.present
-        _checks.check_finite(gram, method=name, what="Gramian")
         dtype = jnp.result_type(jnp.float32, gram.dtype)
         g = jnp.asarray(gram, dtype)
         cos, inv_n, active = cosine_gramian(g, present)
