@@ -52,7 +52,7 @@ def cosmos_weights(losses: jax.Array, pref: jax.Array, present: jax.Array, lamda
 
 
 @base.register("cosmos", properties=(base.PERMUTATION_EQUIVARIANT, base.JIT_CONSISTENT,
-                                     base.FINITE, base.ABSENT_TASKS, base.STATE_PYTREE))
+                                     base.FINITE, base.ABSENT_TASKS))
 def cosmos(pref_vector=None, lamda: float = 2.0, dirichlet_alpha=None) -> base.Method:
     """COSMOS: ``Σ r_i L_i − λ cos(L, r)``, a preference-following linear scalarization.
 

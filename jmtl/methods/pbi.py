@@ -42,7 +42,7 @@ def pbi_weights(losses: jax.Array, pref: jax.Array, present: jax.Array, theta,
 
 
 @base.register("pbi", properties=(base.PERMUTATION_EQUIVARIANT, base.JIT_CONSISTENT,
-                                  base.FINITE, base.ABSENT_TASKS, base.STATE_PYTREE))
+                                  base.FINITE, base.ABSENT_TASKS))
 def pbi(pref_vector=None, theta: float = 5.0, ideal=0.0) -> base.Method:
     """PBI: distance along a preference ray plus θ times the distance to it.
 

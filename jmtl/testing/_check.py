@@ -40,18 +40,31 @@ class _Harness:
         self.rng = np.random.default_rng(seed)
         self.seed = seed
 
-        def update(inputs, state):
-            res, new_state = method.update(inputs, state)
-            if isinstance(res, base.Output):
-                return res.out, (new_state, res.out, res.head_weights)
-            return res, (new_state, res, None)
+        out_size = k if method.output == base.WEIGHTS else d
 
-        recorder = method._replace(update=update)
+        # The recorder carries the method's raw output (weights or direction, and the
+        # heads' own weights) out of ``jmtl.aggregate`` in its state, whose structure
+        # stays the same from step to step (the engine checks and guards the state).
+        def update(inputs, state):
+            inner = state[0]
+            res, new_inner = method.update(inputs, inner)
+            if isinstance(res, base.Output):
+                return res.out, (new_inner, res.out, res.head_weights, jnp.ones((), bool))
+            return res, (new_inner, res, jnp.zeros((k,), jnp.float32), jnp.zeros((), bool))
+
+        def init(num_tasks, dim=None):
+            inner = method.init(num_tasks, dim=dim)
+            return (inner, jnp.zeros((out_size,), jnp.float32),
+                    jnp.zeros((num_tasks,), jnp.float32), jnp.zeros((), bool))
+
+        recorder = method._replace(update=update, init=init)
 
         def step(jac, state, losses, key, present):
-            upd, (new_state, out, head) = aggregate(recorder, jac, state, losses=losses,
-                                                    key=key, present=present)
-            return upd, new_state, out, head
+            wrapped = (state, jnp.zeros((out_size,), jnp.float32),
+                       jnp.zeros((k,), jnp.float32), jnp.zeros((), bool))
+            upd, (new_state, out, head, has_head) = aggregate(
+                recorder, jac, wrapped, losses=losses, key=key, present=present)
+            return upd, new_state, out, (head, has_head)
 
         self.eager = step
         self.jit = jax.jit(step)
@@ -78,11 +91,11 @@ class _Harness:
         losses = self.random_losses() if losses is None else losses
         present = np.ones(self.k, bool) if present is None else np.asarray(present)
         fn = self.jit if fn is None else fn
-        upd, new_state, out, head = fn(jnp.asarray(jac, self.dtype), state,
-                                       jnp.asarray(losses, jnp.float32),
-                                       self.key() if key is None else key,
-                                       jnp.asarray(present))
-        return _f64(upd), new_state, _f64(out), None if head is None else _f64(head)
+        upd, new_state, out, (head, has_head) = fn(jnp.asarray(jac, self.dtype), state,
+                                                   jnp.asarray(losses, jnp.float32),
+                                                   self.key() if key is None else key,
+                                                   jnp.asarray(present))
+        return _f64(upd), new_state, _f64(out), _f64(head) if bool(has_head) else None
 
     def sequence(self, n: int = _STEPS):
         return [(self.random_jacobian(), self.random_losses()) for _ in range(n)]
