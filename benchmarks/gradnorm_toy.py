@@ -115,7 +115,7 @@ def task_losses(params: dict, x: jax.Array, y: jax.Array) -> dict:
 def last_shared_layer(path, leaf) -> bool:
     """GradNorm's norms: the weights of the last shared layer."""
     del leaf
-    return jax.tree_util.keystr(path) == f"['trunk']['w{DEPTH - 1}']"
+    return path == f"trunk/w{DEPTH - 1}"
 
 
 def method_weights(name: str, state) -> jax.Array:

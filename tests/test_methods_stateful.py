@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -215,7 +216,8 @@ def test_db_mtl_rejects_non_positive_losses():
 
 def test_gradnorm_two_task_closed_form():
     # w = 1, L(0) = L, so r = 1 and the target is the mean norm (n1 + n2) / 2.
-    m = jmtl.gradnorm(lr=0.1)
+    # The paper's plain gradient step on the weights (the default is iRprop⁻).
+    m = jmtl.gradnorm(optimizer=optax.sgd(0.1))
     inputs = base.Inputs(present=jnp.ones(2, bool), losses=jnp.array([2.0, 0.5]),
                          grad_norms=jnp.array([1.0, 3.0]))
     out, state = m.update(inputs, m.init(2))
@@ -228,7 +230,7 @@ def test_gradnorm_two_task_closed_form():
 
 @pytest.mark.parametrize("alpha", [1.5, 0.0, 3.0])
 def test_gradnorm_against_numpy_over_steps(alpha):
-    m = jmtl.gradnorm(alpha=alpha, lr=0.05)
+    m = jmtl.gradnorm(alpha=alpha, optimizer=optax.sgd(0.05))
     state = m.init(K)
     ref = GradNormRef(K, alpha=alpha, lr=0.05)
     stream = _stream(7, absent_at=(0, 1, 4))  # task 1 absent at the start: L_1(0) set later
@@ -260,7 +262,7 @@ def test_gradnorm_absent_task_untouched():
 
 
 def test_gradnorm_via_aggregate_uses_jacobian_norms():
-    m = jmtl.gradnorm()
+    m = jmtl.gradnorm(optimizer=optax.sgd(0.025))
     jac, losses, _ = _stream(1)[0]
     update, state = jmtl.aggregate(m, jnp.asarray(jac), m.init(K), losses=jnp.asarray(losses))
     _close(update, jac.sum(0), rtol=1e-5)  # first step: w = 1

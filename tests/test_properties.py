@@ -31,22 +31,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # (method, property) pairs that fail today and are being fixed in other branches.
 # Remove an entry once its fix is merged (strict=False: an XPASS does not fail the run).
 KNOWN_FAILURES = {
-    ("upgrad", "non_conflicting"):
-        "rank-2 Jacobian whose rows positively span their plane: the reg_eps=1e-4 "
-        "regularisation leaves a relative component -0.0036 (exact answer 0); with "
-        "reg_eps=0 a row of norm 2e-4 beside rows of norm 1 gets -0.11 (float32 "
-        "trace-normalised Gramian)",
-    ("dualproj", "non_conflicting"):
-        "as upgrad: rank-2 Jacobian with reg_eps=1e-4 (-0.0029); rows of norm 1e-4 "
-        "beside rows of norm 1 (K=5: -0.018)",
     ("nash_mtl", "non_conflicting"):
         "rank-2 Jacobian whose rows positively span their plane: the only non-conflicting "
         "update is 0, Nash-MTL returns |d| = 0.15 (relative component -0.005)",
     ("fairgrad", "non_conflicting"):
         "rank-2 Jacobian whose rows positively span their plane: relative component -0.0015",
-    ("upgrad", "linear_under_scaling"):
-        "the reg_eps=1e-4 regularisation of the normalised Gramian: relative error 2.5e-3 "
-        "(exact with reg_eps=0 or 1e-6)",
     ("moco", "finite"):
         "NaN update for |J| ~ 1e20 (float32 overflow)",
     ("famo", "absent_tasks"):

@@ -27,7 +27,7 @@ class CRMOGMState(NamedTuple):
     lam: jax.Array
     seen: jax.Array
     base: Any
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 @base.register("cr_mogm", properties=(base.PERMUTATION_EQUIVARIANT, base.SCALE_INVARIANT,

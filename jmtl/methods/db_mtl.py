@@ -26,7 +26,7 @@ class DBMTLState(NamedTuple):
 
     buffer: jax.Array
     count: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 def require_dim(method: str, dim: int | None) -> int:

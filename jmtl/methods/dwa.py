@@ -32,7 +32,7 @@ class DWAState(NamedTuple):
     num_periods: jax.Array
     acc_sum: jax.Array
     acc_count: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 @base.register("dwa", properties=(

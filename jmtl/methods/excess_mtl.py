@@ -30,7 +30,7 @@ class ExcessMTLState(NamedTuple):
     root_sq_sum: jax.Array
     initial_risk: jax.Array
     seen: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 @base.register("excess_mtl", properties=(

@@ -61,7 +61,7 @@ class FAMOState(NamedTuple):
     opt_state: Any
     prev_log_loss: jax.Array
     pending: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 def default_optimizer(gamma: Any, w_lr: Any) -> optax.GradientTransformation:

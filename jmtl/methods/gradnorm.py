@@ -42,7 +42,7 @@ class GradNormState(NamedTuple):
     loss_sum: jax.Array
     loss_count: jax.Array
     step: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 def renormalise_present(new: jax.Array, old: jax.Array, present: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ class GradVacState(NamedTuple):
     """
 
     target: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 @functools.partial(jax.jit, static_argnames=("beta", "eps"))

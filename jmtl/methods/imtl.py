@@ -55,7 +55,7 @@ class IMTLState(NamedTuple):
 
     log_scales: jax.Array
     opt_state: Any
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 def _check_losses(name: str, losses: jax.Array, present: jax.Array) -> None:

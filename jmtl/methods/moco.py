@@ -31,7 +31,7 @@ class MoCoState(NamedTuple):
     lam: jax.Array
     count: jax.Array
     step: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 @base.register("moco", properties=(

@@ -113,7 +113,7 @@ class MoDoState(NamedTuple):
     """
 
     lam: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 def _init_simplex(name, num_samples):

@@ -32,7 +32,7 @@ class NashMTLState(NamedTuple):
     alpha: jax.Array
     step: jax.Array
     failures: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 def _check_concrete(name: str, ok, message: str) -> None:

@@ -38,7 +38,7 @@ class PCDState(NamedTuple):
     ema: jax.Array
     unit: jax.Array
     count: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 def _pow2_at_least(x):

@@ -31,7 +31,7 @@ class SDMGradState(NamedTuple):
     """
 
     w: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 @base.register("sdmgrad", properties=(base.PERMUTATION_EQUIVARIANT, base.SCALE_INVARIANT,

@@ -27,7 +27,7 @@ class STCHState(NamedTuple):
     step: jax.Array
     nadir_sum: jax.Array
     nadir_count: jax.Array
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 @base.register("stch", properties=(

@@ -25,7 +25,7 @@ class UWState(NamedTuple):
 
     log_vars: jax.Array
     opt_state: Any
-    skipped: jax.Array = np.int32(0)  # steps skipped on non-finite inputs
+    skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
 def default_optimizer(lr: Any) -> optax.GradientTransformation:
