@@ -1,6 +1,6 @@
 """jmtl: functional multi-task learning for JAX and Flax.
 
-Objectives over a pytree of per-task losses, about thirty balancing methods behind one
+Objectives over a pytree of per-task losses, about forty balancing methods behind one
 protocol (``jmtl.methods``), an engine computing per-task Jacobians in one vectorised
 pass (``jmtl.value_and_mtl_grad``), in-graph solvers, per-partition optimizers, masked
 losses, the ΔMTL metric, checkpoints and (with flax) multi-task architectures
