@@ -17,6 +17,7 @@ import jmtl
 from jmtl import solvers
 from jmtl.methods import base
 from jmtl.methods.cagrad import cagrad_weights
+from tests._references import project_dual_cone
 
 
 def _orth(rng, n):
@@ -172,21 +173,6 @@ def test_nonneg_qp_cap_reports_and_stays_feasible():
 
 # ----------------------------------------------------------------------------- UPGrad
 
-def _project_ref(jac, u):
-    """Projection of Jᵀu onto {x: Jx >= 0} by enumerating the active constraints (float64)."""
-    k = jac.shape[0]
-    v = jac.T @ u
-    best = None
-    for r in range(k + 1):
-        for act in itertools.combinations(range(k), r):
-            a = jac[list(act)]
-            x = v - a.T @ np.linalg.solve(a @ a.T, a @ v) if r else v
-            if np.all(jac @ x >= -1e-12 * np.linalg.norm(jac, axis=1) * np.linalg.norm(x)) and (
-                    best is None or np.sum((x - v) ** 2) < np.sum((best - v) ** 2)):
-                best = x
-    return best
-
-
 def _upgrad_ref(jac, reg):
     """UPGrad with jmtl's ridge, in float64: the projections are computed on the augmented
     unit rows [g_i/||g_i||, sqrt(reg) e_i], whose Gramian is the cosine Gramian + reg·I,
@@ -196,7 +182,7 @@ def _upgrad_ref(jac, reg):
     aug = np.concatenate([jac / n[:, None], np.sqrt(reg) * np.eye(k)], 1)
     w = np.zeros(k)
     for i in range(k):
-        x = _project_ref(aug, np.eye(k)[i] * n[i] / k)
+        x = project_dual_cone(aug, np.eye(k)[i] * n[i] / k)
         w += np.linalg.lstsq(aug.T, x, rcond=None)[0]
     return (w / n) @ jac
 

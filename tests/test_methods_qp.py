@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import jmtl
 from jmtl.methods import base
+from tests._references import project_dual_cone
 
 NAMES = ("mgda", "upgrad", "dualproj", "cagrad", "nash_mtl")
 
@@ -96,22 +97,6 @@ def test_mgda_rejects_nonpositive_losses():
         jmtl.aggregate(m, jnp.eye(2), m.init(2), losses=jnp.array([1.0, -1.0]))
 
 
-def _project_ref(jac, u):
-    """Brute force: projection of Jᵀu onto {x: Jx >= 0} by enumerating active constraints."""
-    import itertools
-    k = jac.shape[0]
-    v = jac.T @ u
-    best = None
-    for r in range(k + 1):
-        for act in itertools.combinations(range(k), r):
-            a = jac[list(act)]
-            x = v - a.T @ np.linalg.lstsq(a @ a.T, a @ v, rcond=None)[0] if r else v
-            if np.all(jac @ x >= -1e-9) and (best is None or
-                                             np.sum((x - v) ** 2) < np.sum((best - v) ** 2)):
-                best = x
-    return best
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("k,d", [(3, 5), (4, 4), (5, 2)])
 def test_upgrad_and_dualproj_against_brute_force(k, d):
@@ -120,8 +105,8 @@ def test_upgrad_and_dualproj_against_brute_force(k, d):
     with jax.enable_x64(True):
         wu, _ = weights("upgrad", jac, reg_eps=0.0)
         wd, _ = weights("dualproj", jac, reg_eps=0.0)
-    ref_u = np.mean([_project_ref(jac, np.eye(k)[i]) for i in range(k)], axis=0)
-    ref_d = _project_ref(jac, np.full(k, 1.0 / k))
+    ref_u = np.mean([project_dual_cone(jac, np.eye(k)[i]) for i in range(k)], axis=0)
+    ref_d = project_dual_cone(jac, np.full(k, 1.0 / k))
     scale = np.linalg.norm(jac)
     np.testing.assert_allclose(np.asarray(wu) @ jac, ref_u, atol=1e-7 * scale)
     np.testing.assert_allclose(np.asarray(wd) @ jac, ref_d, atol=1e-7 * scale)
