@@ -34,6 +34,23 @@ class MoCoState(NamedTuple):
     skipped: jax.Array = np.zeros((), np.int32)  # steps skipped on non-finite inputs
 
 
+def _gram_times(y: jax.Array, lam: jax.Array) -> jax.Array:
+    """``(Y Yᵀ) λ`` for ``λ`` on the simplex, as ``Y (Yᵀ λ)``, clipped to the finite range.
+
+    Two passes over ``Y`` instead of the ``K×K×d`` Gramian. ``Y`` is divided by a power
+    of two ``c >= max |Y|`` (exact) so the inner products cannot overflow; only the
+    final ``c²`` factor can, and it saturates at ``max / 4K`` (as clipping every Gramian
+    entry did: ``|(Y Yᵀ) λ| <= max_ij |(Y Yᵀ)_ij|`` on the simplex).
+    """
+    k = y.shape[0]
+    c = jac_lib.power_of_two_above(jac_lib.max_abs(y))
+    hi = jax.lax.Precision.HIGHEST
+    inner = jnp.matmul(y, jnp.matmul(lam / c, y, precision=hi) / c, precision=hi)
+    # inner = (Y/c)(Y/c)ᵀ λ: entries at most d.
+    big = jnp.finfo(y.dtype).max / (4 * k)
+    return jnp.clip(c * (c * inner), -big, big)
+
+
 @base.register("moco", properties=(
     "permutation_equivariant", "jit_consistent", "finite", "absent_tasks", "state_pytree"))
 def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
@@ -107,7 +124,6 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
         jac = inputs.jacobian
         check_dim("moco", jac, state.y)
         present = inputs.present
-        k = present.shape[0]
         dtype = jnp.result_type(jnp.float32, jac.dtype)
         grads = jac.astype(dtype)
         if normalize_grads:
@@ -126,10 +142,8 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
         start = jnp.where(mass > 0, lam / jnp.where(mass > 0, mass, 1), 1 / n_present)
         start = jnp.where(present, start, 0)
         y_p = jnp.where(present[:, None], y, 0)
-        big = jnp.finfo(dtype).max / (4 * k)
-        gram = jnp.clip(jac_lib.gramian(y_p), -big, big) + rho * jnp.eye(k, dtype=dtype)
         gamma_k = gamma / jnp.maximum(step, 1).astype(dtype) ** gamma_sigma
-        step_to = start - gamma_k * (gram @ start)
+        step_to = start - gamma_k * (_gram_times(y_p, start) + rho * start)
         if lambda_update == "softmax":
             logits = jnp.where(present, step_to, -jnp.inf)
             moved = jnp.where(present, jax.nn.softmax(logits), 0.0)
