@@ -22,7 +22,7 @@ d. ``torchjd``: when ``torch`` and ``torchjd`` import (``pip install jmtl[compar
 
 Run::
 
-    python benchmarks/speed.py [--quick] [--out DIR] [--methods ew upgrad ...]
+    python benchmarks/speed.py [--quick] [--out DIR] [--methods ew upgrad ...] [--ks 8 128]
 
 ``--quick`` (about a minute on CPU) measures a few methods at small K with few repeats.
 Writes ``speed.json`` (one record per measurement: part, method, K, mode, device
@@ -500,6 +500,8 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="*", default=None)
     p.add_argument("--parts", nargs="*", default=["step", "solver", "memory", "torchjd"])
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--ks", type=int, nargs="*", default=None,
+                   help="numbers of tasks of the step benchmark (default 2 8 32 128)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads for the torchjd comparison on CPU")
     args = p.parse_args(argv)
@@ -507,7 +509,7 @@ def main(argv=None) -> dict:
     quick = args.quick
     names = _common.select_methods(args.methods or (QUICK_METHODS if quick else None))
     repeats = args.repeats or (3 if quick else 10)
-    step_ks = (2, 8) if quick else (2, 8, 32, 128)
+    step_ks = tuple(args.ks) if args.ks else ((2, 8) if quick else (2, 8, 32, 128))
     solver_ks = (8, 32) if quick else (8, 32, 128)
     mem_ks = (32,) if quick else (32, 128)
     info = _common.device_info()

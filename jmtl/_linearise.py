@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmtl import _loss_vector
 from jmtl import _replicas as replicas_lib
 from jmtl import tasks as tasks_lib
 
@@ -125,6 +126,7 @@ def params_mode(loss_fn: Callable, params: Any, args: tuple, *, shared: list[boo
         ltree, aux = split_output(loss_fn(merge(x, t), *args), has_aux, name)
         return stack_losses(ltree, name), (ltree, aux)
 
+    f = _loss_vector.from_source(f, x0, t0)  # differentiate the losses' source vector
     vec, vjp_fn, (ltree, aux) = jax.vjp(f, x0, t0, has_aux=True)
     vjp_fn = _safe_vjp(vjp_fn, vec)
     reps = replicas_lib.replicas_of(vec, axis_name)
@@ -162,6 +164,7 @@ def features_mode(loss_fn: Callable, encoder: Callable, params: Any, args: tuple
                                   has_aux, name)
         return stack_losses(ltree, name), (ltree, aux)
 
+    g = _loss_vector.from_source(g, z_leaves, params)
     vec, head_vjp, (ltree, aux) = jax.vjp(g, z_leaves, params, has_aux=True)
     head_vjp = _safe_vjp(head_vjp, vec)
     reps = replicas_lib.replicas_of(vec, axis_name)

@@ -125,7 +125,9 @@ def _uncertainty_terms(lv: jax.Array, s: jax.Array, kinds: tuple[str, ...]) -> j
     revised = np.array([kd == "revised" for kd in kinds])
     dtype = lv.dtype
     data = jnp.asarray(a, dtype) * jnp.exp(-s) * lv
-    reg = jnp.where(revised, jax.nn.softplus(s), jnp.asarray(c, dtype) * s)
+    reg = jnp.asarray(c, dtype) * s
+    if revised.any():  # static: no softplus (and its gradient's exp) unless needed
+        reg = jnp.where(revised, jax.nn.softplus(s), reg)
     return data + reg
 
 
