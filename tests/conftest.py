@@ -11,9 +11,32 @@ Hypothesis profiles (``--hypothesis-profile NAME``):
 """
 
 import os
+import shutil
+import tempfile
 
-# Must happen before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+def _cache_dir(pid: int) -> str:
+    return os.path.join(tempfile.gettempdir(), f"jmtl-test-jax-cache-{pid}")
+
+
+# Must happen before JAX initialises its backends. The tests compile thousands of small
+# programs and time goes to XLA's compiler, not to running them: LLVM's optimisation
+# level 0 compiles faster (it changes no floating-point semantics), and a compilation
+# cache private to this run lets tests that build the same program (the same method on
+# the same shapes) share one compilation across the xdist workers and the example
+# scripts' subprocesses. The xdist workers are children of the controller, whose pid
+# names the cache; the controller removes it at the end.
+_flags = os.environ.get("XLA_FLAGS", "")
+for _flag in ("--xla_force_host_platform_device_count=4",
+              "--xla_backend_optimization_level=0"):
+    if _flag.split("=")[0] not in _flags:
+        _flags = f"{_flags} {_flag}".strip()
+os.environ["XLA_FLAGS"] = _flags
+_is_worker = "PYTEST_XDIST_WORKER" in os.environ
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      _cache_dir(os.getppid() if _is_worker else os.getpid()))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
@@ -25,6 +48,12 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=200, deadline=None, derandomize=False,
                           print_blob=True)
 settings.load_profile("ci")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    del exitstatus
+    if not hasattr(session.config, "workerinput"):  # the controller, or a run without xdist
+        shutil.rmtree(_cache_dir(os.getpid()), ignore_errors=True)
 
 
 def pytest_configure(config):

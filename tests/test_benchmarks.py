@@ -83,6 +83,7 @@ def test_multi_digit_quick(tmp_path):
     assert (tmp_path / "multi_digit.md").exists()
 
 
+@pytest.mark.slow
 def test_dense_toy_quick(tmp_path):
     _run("dense_toy.py", tmp_path, "--quick", "--steps", "10", "--models", "hard", "padnet")
     result = _load(tmp_path / "dense_toy.json")

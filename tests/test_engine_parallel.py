@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 import jmtl
 from jmtl.engine import value_and_mtl_grad
 from jmtl.methods import base
+from tests import _tiers
 
 K, NAMES, BATCH, NDEV = 3, ("a", "b", "c"), 8, 4
 
@@ -100,7 +101,7 @@ def assert_tree_close(actual, expected, rtol=1e-4):
 
 
 @pytest.mark.parametrize("mode", ["params", "features"])
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", _tiers.first_fast(METHODS))
 def test_pmap_equals_single_device(name, mode):
     method = build(name)
     params, (x, y) = make_params(), make_batch()
@@ -116,7 +117,7 @@ def test_pmap_equals_single_device(name, mode):
 
 
 @pytest.mark.parametrize("mode", ["params", "features"])
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", _tiers.first_fast(METHODS))
 def test_shard_map_equals_single_device(name, mode):
     method = build(name)
     params, (x, y) = make_params(), make_batch()

@@ -23,6 +23,7 @@ import jmtl
 from jmtl import _linalg
 from jmtl.methods import base
 from jmtl.methods.pcgrad import random_orders
+from tests import _tiers
 from tests.test_methods_eigen import np_aligned_update
 from tests.test_methods_robust import np_krum, np_trimmed_mean
 from tests.test_methods_surgery import gradvac_ref, pcgrad_rows_ref
@@ -159,6 +160,7 @@ def np_excess_mtl(jacs, step_size=1e-2, eps=1e-7):
 # ----------------------------------------------------------------------------- config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["gram_qr", "qr"])
 def test_config_float64_matches_official_lstsq(solver):
     with jax.enable_x64(True):
@@ -180,6 +182,7 @@ def test_config_two_tasks_matches_official_closed_form():
                 np.testing.assert_allclose(np.asarray(upd), np_config_double(*jac), rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_config_float32_within_1e5_of_float64_reference():
     # Moderately conditioned unit rows: the Gramian route loses ~1e-4 here (it squares the
     # condition number); the Gram-based QR and the Householder QR stay within 1e-5
@@ -197,7 +200,7 @@ def test_config_float32_within_1e5_of_float64_reference():
     assert worst["gramian"] > 3 * worst["gram_qr"], worst  # why "gram_qr" is the default
 
 
-@pytest.mark.parametrize("solver", ["gram_qr", "qr", "gramian"])
+@pytest.mark.parametrize("solver", _tiers.first_fast(["gram_qr", "qr", "gramian"]))
 @pytest.mark.parametrize("x64", [False, True])
 def test_config_rows_both_ways_give_zero_for_every_order(solver, x64):
     # Rank 1, rows pointing both ways with balanced unit sums: the least-squares direction
@@ -230,8 +233,8 @@ def test_config_rank_deficient_follows_pinv_and_is_permutation_equivariant():
                                        atol=2e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("solver,jit", [("gram_qr", True), ("gram_qr", False), ("qr", True),
-                                        ("gramian", True)])
+@pytest.mark.parametrize("solver,jit", _tiers.first_fast(
+    [("gram_qr", True), ("gram_qr", False), ("qr", True), ("gramian", True)], unpack=True))
 def test_config_extreme_scales_float32(solver, jit):
     jac = _rand(5, 4, 9).astype(np.float32)
     ref = np_config(jac)
@@ -352,7 +355,7 @@ def test_krum_requirement_option():
         jmtl.krum(n_byzantine=1, requirement="loose")
 
 
-@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("jit", _tiers.first_fast([True, False]))
 def test_krum_and_trimmed_mean_extreme_scales_float32(jit):
     jac = _rand(8, 7, 6).astype(np.float32)
     krum_ref = np_krum(jac, 2, 2) @ jac

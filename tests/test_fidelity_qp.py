@@ -17,6 +17,7 @@ import jmtl
 from jmtl import solvers
 from jmtl.methods import base
 from jmtl.methods.cagrad import cagrad_weights
+from tests import _tiers
 from tests._references import project_dual_cone
 
 
@@ -72,7 +73,7 @@ def _nash_ref(g):
 
 
 @pytest.mark.parametrize("scale", [1e-20, 0.05, 1.0, 1e20])
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", _tiers.first_fast(range(5)))
 def test_nash_raw_gramian_rows_of_scales_1e3_1_1em3(scale, seed):
     rng = np.random.default_rng(seed)
     jac = rng.standard_normal((3, 8)) * np.array([1e3, 1.0, 1e-3])[:, None]
@@ -290,9 +291,9 @@ def test_moco_lambda_stays_on_simplex_at_large_scale(scale):
 
 # ----------------------------------------------------------------------------- scale (12.1)
 
-@pytest.mark.parametrize("name,hp", [("mgda", {}), ("upgrad", {}), ("dualproj", {}),
-                                     ("cagrad", {}), ("nash_mtl", {"heads": "own"}),
-                                     ("fairgrad", {})])
+@pytest.mark.parametrize("name,hp", _tiers.first_fast(
+    [("mgda", {}), ("upgrad", {}), ("dualproj", {}), ("cagrad", {}),
+     ("nash_mtl", {"heads": "own"}), ("fairgrad", {})], unpack=True))
 @pytest.mark.parametrize("jit", [False, True])
 def test_direction_is_scale_free(name, hp, jit):
     jac = np.array([[1.0, 0.2, -0.3], [-0.4, 1.0, 0.1], [0.3, -0.5, 0.8]])
@@ -309,11 +310,10 @@ def test_direction_is_scale_free(name, hp, jit):
 
 # ----------------------------------------------------------------------------- traced hparams
 
-@pytest.mark.parametrize("name,hp", [("nash_mtl", {"max_norm": 0.5, "reg_eps": 1e-6}),
-                                     ("cagrad", {"c": 0.7}), ("upgrad", {"reg_eps": 1e-3}),
-                                     ("dualproj", {"reg_eps": 1e-3}),
-                                     ("fairgrad", {"alpha": 2.0}),
-                                     ("moco", {"gamma": 0.2, "rho": 0.1})])
+@pytest.mark.parametrize("name,hp", _tiers.first_fast(
+    [("nash_mtl", {"max_norm": 0.5, "reg_eps": 1e-6}), ("cagrad", {"c": 0.7}),
+     ("upgrad", {"reg_eps": 1e-3}), ("dualproj", {"reg_eps": 1e-3}),
+     ("fairgrad", {"alpha": 2.0}), ("moco", {"gamma": 0.2, "rho": 0.1})], unpack=True))
 def test_float_hyperparameters_can_be_traced(name, hp):
     # Factories called with traced values (optax schedules) give the concrete result.
     jac = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import jmtl
 from jmtl.methods import base
+from tests import _tiers
 
 GRAM_METHODS = {
     "imtl_g": {},
@@ -317,8 +318,8 @@ def test_config_zero_row_is_ignored():
 # ----------------------------------------------------------------------------- fairgrad
 
 
-@pytest.mark.parametrize("alpha,k,d,seed", [(0.5, 4, 10, 1), (1.0, 16, 40, 3), (2.0, 8, 8, 2),
-                                             (5.0, 16, 40, 3)])
+@pytest.mark.parametrize("alpha,k,d,seed", _tiers.first_fast(
+    [(0.5, 4, 10, 1), (1.0, 16, 40, 3), (2.0, 8, 8, 2), (5.0, 16, 40, 3)], keep=2, unpack=True))
 def test_fairgrad_solves_its_equation_float64(alpha, k, d, seed):
     with jax.enable_x64(True):
         jac = _rand(seed, k, d) * np.geomspace(0.1, 10.0, k)[:, None]
@@ -385,7 +386,7 @@ def test_metadata(name):
     assert M('imtl_l').weights_task_specific is True
 
 
-@pytest.mark.parametrize("name", sorted(GRAM_METHODS))
+@pytest.mark.parametrize("name", _tiers.first_fast(sorted(GRAM_METHODS)))
 def test_jit_equals_no_jit(name):
     jac = _rand(2, 5, 12).astype(np.float32)
     w, _ = weights(M(name), jac, jit=False)
@@ -393,7 +394,7 @@ def test_jit_equals_no_jit(name):
                                rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(GRAM_METHODS))
+@pytest.mark.parametrize("name", _tiers.first_fast(sorted(GRAM_METHODS)))
 def test_aggregate_and_jacobian_pytree(name):
     m = M(name)
     jac = _rand(3, 3, 7).astype(np.float32)

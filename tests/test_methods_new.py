@@ -19,6 +19,7 @@ import jmtl
 from jmtl import jacobian as jac_lib
 from jmtl.methods import base
 from tests import _mtl_problem as prob
+from tests import _tiers
 
 K, D = 3, 6
 
@@ -315,8 +316,8 @@ def test_sdmgrad_preference_and_lamda():
         _close(w @ jac, ref.step(jac), rtol=2e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tau,scales", [(0.3, None), (0.02, [1.0, 5.0, 0.2]),
-                                        (0.5, [1e20]), (0.3, [1e-20]), (0.3, [1e-3])])
+@pytest.mark.parametrize("tau,scales", _tiers.first_fast([(0.3, None), (0.02, [1.0, 5.0, 0.2]),
+                                        (0.5, [1e20]), (0.3, [1e-20]), (0.3, [1e-3])], unpack=True))
 def test_pcd_matches_reference(tau, scales):
     m = jmtl.pcd(tau=tau)
     ref = PCDRef(4, tau=tau)
@@ -455,7 +456,7 @@ def _n(m):
     return dict(m.hparams).get("num_samples", 1)
 
 
-@pytest.mark.parametrize("m", _all_methods(), ids=lambda m: repr(m))
+@pytest.mark.parametrize("m", _tiers.first_fast(_all_methods(), keep=3), ids=lambda m: repr(m))
 def test_jit_equals_no_jit(m):
     n = _n(m)
     s1 = s2 = m.init(n * K)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import jmtl
 from jmtl.methods import base
+from tests import _tiers
 from tests._references import project_dual_cone
 
 NAMES = ("mgda", "upgrad", "dualproj", "cagrad", "nash_mtl")
@@ -256,7 +257,7 @@ def test_zero_jacobian_gives_zero_update(name):
     np.testing.assert_array_equal(np.asarray(w) @ jac, 0.0)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _tiers.first_fast(NAMES))
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 def test_extreme_scales_float64(name, scale):
     rng = np.random.default_rng(7)
@@ -285,7 +286,7 @@ def test_absent_tasks(name):
     np.testing.assert_array_equal(np.asarray(w0), 0.0)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _tiers.first_fast(NAMES))
 def test_jit_equals_no_jit(name):
     rng = np.random.default_rng(9)
     jac = rng.standard_normal((5, 3)).astype(np.float32)

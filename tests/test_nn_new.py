@@ -15,6 +15,7 @@ from flax import nnx
 
 import jmtl
 from jmtl import nn as mtnn
+from tests import _tiers
 
 TASKS = ("a", "b")
 BATCH = 4
@@ -151,7 +152,7 @@ def test_one_sgd_step_lowers_the_total_loss(name):
     assert float(after) < float(before)
 
 
-@pytest.mark.parametrize("name", ["dselect_static", "ltb_fixed"])
+@pytest.mark.parametrize("name", _tiers.first_fast(["dselect_static", "ltb_fixed"]))
 def test_encode_decode_work_with_jmtl_features_mode(name):
     model, x, _ = _build(name)
     shapes = {t: p.shape for t, p in _prediction_dicts(model(x))[-1].items()}

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import jmtl
 from tests import _mtl_problem as prob
+from tests import _tiers
 
 STEPS = 10
 RTOL, ATOL = 2e-4, 2e-5
@@ -64,7 +65,7 @@ def _mesh():
                          axis_types=(jax.sharding.AxisType.Auto,))
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", _tiers.first_fast(METHODS))
 def test_jit_named_sharding_data_parallel(name):
     method = _method(name)
     step, opt = prob.make_step(method)
@@ -79,7 +80,7 @@ def test_jit_named_sharding_data_parallel(name):
     _assert_trees_close(got, _reference(name))
 
 
-@pytest.mark.parametrize("name", ["upgrad", "gradnorm", "dwa"])
+@pytest.mark.parametrize("name", _tiers.first_fast(["upgrad", "gradnorm", "dwa"]))
 def test_jit_fsdp_sharded_params(name):
     """Parameters sharded over the mesh (FSDP style) as well as the batch."""
     method = _method(name)
@@ -100,7 +101,7 @@ def test_jit_fsdp_sharded_params(name):
     _assert_trees_close(got, _reference(name))
 
 
-@pytest.mark.parametrize("name", ["upgrad", "nash_mtl", "gradnorm", "dwa"])
+@pytest.mark.parametrize("name", _tiers.first_fast(["upgrad", "nash_mtl", "gradnorm", "dwa"]))
 def test_shard_map_axis_name(name):
     """The one line a user adds: ``axis_name="data"`` in value_and_mtl_grad."""
     method = _method(name)
@@ -115,7 +116,7 @@ def test_shard_map_axis_name(name):
     _assert_trees_close(got, _reference(name))
 
 
-@pytest.mark.parametrize("name", ["upgrad", "gradnorm"])
+@pytest.mark.parametrize("name", _tiers.first_fast(["upgrad", "gradnorm"]))
 def test_pmap_axis_name(name):
     method = _method(name)
     step, opt = prob.make_step(method, axis_name="data")

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import jmtl
-from tests import _method_params
+from tests import _method_params, _tiers
 from tests import _mtl_problem as prob
 
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ≈ 2e-3 per operation). Over 20
@@ -35,7 +35,7 @@ def _train(method, params, steps, *, key_seed=0, start=0, opt_state=None, mstate
     return params, opt_state, mstate, losses
 
 
-@pytest.mark.parametrize("name", ["upgrad", "mgda", "gradnorm", "uw"])
+@pytest.mark.parametrize("name", _tiers.first_fast(["upgrad", "mgda", "gradnorm", "uw"]))
 def test_bf16_run_tracks_float32_run(name):
     method = jmtl.methods.get(name)
     p32, _, s32, _ = _train(method, prob.init_params(), 20)
@@ -70,7 +70,7 @@ def test_bf16_gramian_is_float32():
     assert seen["dtype"] == jnp.float32
 
 
-@pytest.mark.parametrize("name", ["gradnorm", "pcgrad", "dwa"])
+@pytest.mark.parametrize("name", _tiers.first_fast(["gradnorm", "pcgrad", "dwa"]))
 def test_checkpoint_resume_is_bit_identical(name, tmp_path):
     method = jmtl.methods.get(name)
     optimizer = optax.adam(1e-2)
@@ -198,7 +198,7 @@ def test_checkpoint_into_an_empty_directory(tmp_path, force):
     np.testing.assert_array_equal(np.asarray(got["params"]["w"]), [4.0, 4.0])
 
 
-@pytest.mark.parametrize("name", jmtl.methods.names())
+@pytest.mark.parametrize("name", _tiers.methods())
 def test_step_traces_once(name):
     """No retracing across steps: the method state keeps its dtypes and shapes."""
     method = _method_params.build(name, len(prob.TASKS))

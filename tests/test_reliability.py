@@ -10,6 +10,7 @@ import pytest
 import jmtl
 from jmtl.methods import base
 from jmtl.testing import build_example
+from tests import _tiers
 
 K, D = 3, 6
 RNG = np.random.default_rng(0)
@@ -72,7 +73,7 @@ SHARED = {"trunk": True, "heads": False}
 
 @pytest.mark.parametrize("mode", ["params", pytest.param("features", marks=pytest.mark.slow),
                                   pytest.param("chunked", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name", _scale_free_names())
+@pytest.mark.parametrize("name", _tiers.methods(_scale_free_names()))
 def test_engine_direction_is_scale_free(name, mode):
     """Same shared direction (cos > 0.999) for losses scaled by 1e-20 .. 1e20, float32."""
     m = _method(name)
@@ -99,7 +100,7 @@ POISON = ["db_mtl", "dwa", "excess_mtl", "gradnorm", "imtl", "imtl_l", "uw", "fa
 
 
 @pytest.mark.parametrize("bad", ["loss", "gradient"])
-@pytest.mark.parametrize("name", POISON)
+@pytest.mark.parametrize("name", _tiers.first_fast(POISON, keep=3))
 def test_non_finite_step_leaves_state_unchanged(name, bad):
     m = _method(name)
     step = jax.jit(lambda j, ls, s: jmtl.aggregate(m, j, s, losses=ls, key=KEY))
@@ -127,8 +128,9 @@ def test_non_finite_step_leaves_state_unchanged(name, bad):
 
 
 @pytest.mark.parametrize("order", ["checked_jit", "jit_checked"])
-@pytest.mark.parametrize("name", ["mgda", "upgrad", "famo", "uw", "pcgrad", "moco", "dwa",
-                                  "graddrop", "aligned_mtl", "gradnorm"])
+@pytest.mark.parametrize("name", _tiers.first_fast(
+    ["mgda", "upgrad", "famo", "uw", "pcgrad", "moco", "dwa", "graddrop", "aligned_mtl",
+     "gradnorm"], keep=2))
 def test_checked_catches_non_finite_inputs_in_both_orders(name, order):
     m = _method(name)
     bad_j, bad_l = J0.copy(), L0.copy()

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jmtl import solvers
+from tests import _tiers
 
 
 def brute_nnqp(q_mat, q):
@@ -41,7 +42,7 @@ def random_pd(rng, k, rank=None):
     return a @ a.T + (1e-3 * np.eye(k) if rank < k else 0)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", _tiers.first_fast(range(6), keep=2))
 def test_nonneg_qp_matches_enumeration_float64(seed):
     rng = np.random.default_rng(seed)
     k = 2 + seed % 5
@@ -56,6 +57,7 @@ def test_nonneg_qp_matches_enumeration_float64(seed):
     kkt_nnqp(q_mat, q, x, 1e-10)
 
 
+@pytest.mark.slow
 def test_nonneg_qp_batched_equals_single_and_jit():
     rng = np.random.default_rng(1)
     k = 12
@@ -192,6 +194,7 @@ def _spread_jacobian(rng, k, d=400, decades=3.0):
     return (rng.standard_normal((k, k)) * np.logspace(0, -decades, k)) @ basis
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gauss", "spread"])
 def test_nonneg_qp_batched_cg_path_kkt_float64(kind):
     # Batches go through the CG path (with the direct method as fallback); both must give
@@ -216,6 +219,7 @@ def test_nonneg_qp_batched_cg_path_kkt_float64(kind):
         kkt_nnqp(g, q[i], x[i], 1e-9)
 
 
+@pytest.mark.slow
 def test_nonneg_qp_cg_fallback_to_direct(monkeypatch):
     # A CG budget too small to converge is reported as not converged, and the public
     # solver then finishes with the direct method from the free sets reached.

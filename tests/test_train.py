@@ -185,6 +185,7 @@ def test_features_mode_equals_hand_composed():
         make_train_step(apply_fn, TASK_LOSSES, method, tx, params=_params(), encoder=encode)
 
 
+@pytest.mark.slow
 def test_shard_map_with_axis_name_equals_single_device():
     method = _gradient_method()
     x, y = _batch(4 * N_DEV)
