@@ -16,7 +16,7 @@ import pytest
 
 import jmtl
 
-__all__ = ["REPRESENTATIVE", "first_fast", "methods"]
+__all__ = ["FULL_ONLY", "REPRESENTATIVE", "first_fast", "mark_full_only", "methods"]
 
 # One method per kind the engine treats differently: no inputs (ew), losses with state
 # (uw), a key (rlw), gradient norms with state (gradnorm), a Gramian (upgrad), a Gramian
@@ -50,3 +50,53 @@ def first_fast(values: Iterable, *, keep: int = 1, unpack: bool = False) -> list
         marks = () if i < keep else pytest.mark.slow
         out.append(pytest.param(*v, marks=marks) if unpack else pytest.param(v, marks=marks))
     return out
+
+
+# Whole tests that run in the full tier only: deeper or repeated checks of code that a
+# fast test covers too (the per-method properties cover finiteness, absent tasks and
+# equivariance of every method; the engine tests cover the engine for every input kind).
+FULL_ONLY = frozenset({
+    "test_fidelity_qp.py::test_cagrad_c2_strictly_weak_float32_does_not_conflict",
+    "test_fidelity_qp.py::test_cagrad_matches_float64_reference",
+    "test_fidelity_qp.py::test_cagrad_traced_c_and_rescale",
+    "test_fidelity_qp.py::test_upgrad_float32_matches_float64_and_is_permutation_equivariant",
+    "test_methods_qp.py::test_permutation_equivariance",
+    "test_methods_qp.py::test_absent_tasks",
+    "test_methods_qp.py::test_zero_jacobian_gives_zero_update",
+    "test_methods_qp.py::test_single_task_returns_gradient",
+    "test_solvers.py::test_solvers_finite_on_degenerate_input",
+    "test_nn.py::test_output_shapes_and_jit_matches_eager",
+    "test_nn_new.py::test_output_shapes_and_jit_matches_eager",
+    "test_nn_new.py::test_dselect_static_gate_matches_numpy_reference",
+    "test_nn_new.py::test_encode_decode_work_with_jmtl_features_mode",
+    "test_nn_new.py::test_dselect_training_saturates_the_gates_to_at_most_k_experts",
+    "test_nn_new.py::test_dselect_saturated_gates_select_at_most_k_experts",
+    "test_nn_new.py::test_ltb_search_works_in_jmtl_features_mode_with_explicit_keys",
+    "test_nn_new.py::test_one_sgd_step_lowers_the_total_loss",
+    "test_parallel.py::test_jit_named_sharding_data_parallel",
+    "test_parallel.py::test_jit_fsdp_sharded_params",
+    "test_methods_new.py::test_value_and_mtl_grad_against_per_task_grads",
+    "test_methods_new.py::test_traced_hyperparameters",
+    "test_methods_new.py::test_modo_two_batches_through_the_engine",
+    "test_methods_new.py::test_absent_tasks_get_zero_and_keep_their_state",
+    "test_methods_new.py::test_finite_at_extreme_scales",
+    "test_optax.py::test_chain_with_sgd_equals_minus_lr_times_aggregate",
+    "test_optim.py::test_jit_equals_no_jit",
+    "test_fidelity_misc.py::test_graddrop_extreme_scales_float32",
+    "test_fidelity_misc.py::test_config_absent_zero_and_pytree",
+    "test_methods_stateful.py::test_degenerate_input_finite",
+    "test_methods_surgery.py::test_gramian_methods_degenerate_finite",
+    "test_methods_surgery.py::test_graddrop_jit_and_degenerate",
+    "test_methods_surgery.py::test_gradvac_jit_equals_nojit",
+    "test_methods_robust.py::test_krum_metadata_and_aggregate",
+    "test_properties.py::test_low_precision_jacobians",
+    "test_kendall.py::test_uw_method_in_the_engine_reaches_the_same_sigmas",
+})
+
+
+def mark_full_only(items) -> None:
+    """Adds the ``slow`` mark to the collected tests listed in :data:`FULL_ONLY`."""
+    for item in items:
+        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        if name in FULL_ONLY:
+            item.add_marker(pytest.mark.slow)

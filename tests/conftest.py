@@ -50,6 +50,13 @@ settings.register_profile("dev", max_examples=200, deadline=None, derandomize=Fa
 settings.load_profile("ci")
 
 
+def pytest_collection_modifyitems(config, items):
+    del config
+    from tests import _tiers
+
+    _tiers.mark_full_only(items)
+
+
 def pytest_sessionfinish(session, exitstatus):
     del exitstatus
     if not hasattr(session.config, "workerinput"):  # the controller, or a run without xdist

@@ -42,9 +42,10 @@ KNOWN_FAILURES = {
         "state.pending of an absent task is reset (1 -> 0)",
 }
 
-# Checks that compile the method several more times (eager, shard_map, lax.scan): the
-# fast tier (-m "not slow") runs the other properties of every method.
-SLOW_PROPERTIES = {base.JIT_CONSISTENT, base.STATE_PYTREE}
+# Checks that compile the method several more times (eager, shard_map, lax.scan, the
+# permuted inputs): the fast tier (-m "not slow") runs the other properties of every
+# method.
+SLOW_PROPERTIES = {base.JIT_CONSISTENT, base.STATE_PYTREE, base.PERMUTATION_EQUIVARIANT}
 
 
 def _cases():
