@@ -16,7 +16,8 @@ import pytest
 
 import jmtl
 
-__all__ = ["FULL_ONLY", "REPRESENTATIVE", "first_fast", "mark_full_only", "methods"]
+__all__ = ["FEATURES_MODE", "FULL_ONLY", "REPRESENTATIVE", "first_fast", "mark_full_only",
+           "method_modes", "methods"]
 
 # One method per kind the engine treats differently: no inputs (ew), losses with state
 # (uw), a key (rlw), gradient norms with state (gradnorm), a Gramian (upgrad), a Gramian
@@ -25,6 +26,22 @@ __all__ = ["FULL_ONLY", "REPRESENTATIVE", "first_fast", "mark_full_only", "metho
 # Jacobian (config), a stateful direction (moco).
 REPRESENTATIVE = frozenset({"ew", "uw", "rlw", "gradnorm", "upgrad", "nash_mtl", "pcgrad",
                             "imtl", "config", "moco"})
+
+
+# Features mode in the fast tier: a Gramian, gradient norms and a direction output.
+FEATURES_MODE = frozenset({"upgrad", "gradnorm", "config"})
+
+
+def method_modes() -> list:
+    """``pytest.param(name, mode)`` for every method in params and features mode; fast for
+    :data:`REPRESENTATIVE` methods in params mode and :data:`FEATURES_MODE` in both."""
+    out = []
+    for name in jmtl.methods.names():
+        for mode in ("params", "features"):
+            fast = name in REPRESENTATIVE and (mode == "params" or name in FEATURES_MODE)
+            out.append(pytest.param(name, mode, id=f"{name}-{mode}",
+                                    marks=() if fast else pytest.mark.slow))
+    return out
 
 
 def methods(names: Iterable[str] | None = None) -> list:
@@ -91,6 +108,13 @@ FULL_ONLY = frozenset({
     "test_methods_robust.py::test_krum_metadata_and_aggregate",
     "test_properties.py::test_low_precision_jacobians",
     "test_kendall.py::test_uw_method_in_the_engine_reaches_the_same_sigmas",
+    "test_parallel.py::test_shard_map_axis_name",
+    "test_methods_new.py::test_finite_on_degenerate_jacobians",
+    "test_nn.py::test_encode_decode_work_with_jmtl_features_mode",
+    "test_train.py::test_nnx_features_mode_lowers_the_loss",
+    "test_train.py::test_a_few_steps_lower_the_loss",
+    "test_precision_checkpoint.py::test_bf16_run_tracks_float32_run",
+    "test_engine.py::test_chunked_bf16_gramian_is_float32_accurate",
 })
 
 

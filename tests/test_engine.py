@@ -234,8 +234,7 @@ def _run_two_steps(grad_fn, method, params, state0, mode):
     return out_e, out_r
 
 
-@pytest.mark.parametrize("mode", ["params", "features"])
-@pytest.mark.parametrize("name", _tiers.methods())
+@pytest.mark.parametrize("name, mode", _tiers.method_modes())
 def test_every_method_matches_brute_force(name, mode):
     method = build_method(name)
     params = make_params()
