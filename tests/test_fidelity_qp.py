@@ -221,7 +221,11 @@ def test_cagrad_c2_strictly_weak_float32_does_not_conflict(seed):
             m = jmtl.cagrad(c=2.0)
             w, _, _ = _update(m, jac.astype(dtype))
         d = w @ jac
-        tol = (1e-3 if dtype == np.float32 else 1e-8) * np.linalg.norm(jac, axis=1).max()
+        # Strictly weak: the non-conflicting cone has an empty interior, so float32 rounding
+        # shows up as a small conflict. Relative to max ‖J_i‖·‖d‖, over 12 seeds it measured
+        # 3e-6 .. 1.1e-3 with XLA:CPU's default compiler options and up to 5.7e-3 with the
+        # test suite's fast-compile options (tests/conftest.py): the rounding differs.
+        tol = (1e-2 if dtype == np.float32 else 1e-8) * np.linalg.norm(jac, axis=1).max()
         assert np.min(jac @ d) >= -tol * np.linalg.norm(d)
         g0 = jac.mean(0)
         assert np.linalg.norm(d * 5 - g0) <= 2.0 * np.linalg.norm(g0) * (1 + 1e-4)   # in ball
