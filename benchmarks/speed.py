@@ -9,6 +9,7 @@ a. ``step``: every registered method's full training step (``jmtl.value_and_mtl_
    params mode (Jacobian w.r.t. the shared parameters) and features mode (Jacobian
    w.r.t. the trunk's output); the ratio is to the ``ew`` step of the same K and mode.
    A plain ``jax.value_and_grad`` of the summed losses is recorded as ``jax_grad_sum``.
+   The first call (tracing, compiling and one step) is recorded as ``first_call_s``.
 b. ``solver``: each Gramian/Jacobian method's ``update`` alone on a random K×10,000
    Jacobian (K = 8, 32, 128), against the cost of the Gramian itself
    (``jmtl.jacobian.gramian``); the ratio is solver / Gramian.
@@ -169,6 +170,10 @@ def bench_steps(names, ks, modes, repeats, records, log):
                         jmtl.methods.get(name, **_common.method_kwargs(name, k))
                     step, init = make_step(method, mode)
                     state = init(params, x, y)
+                    # The first call: tracing and compiling (plus one step).
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(step(params, state, x, y, key))
+                    first_s = time.perf_counter() - t0
                     run = (lambda step=step, state=state: step(params, state, x, y, key))
                     if name == "ew":
                         baseline = run
@@ -184,8 +189,9 @@ def bench_steps(names, ks, modes, repeats, records, log):
                 kind = _kind(method)
                 records.append({"part": "step", "method": name, "K": k, "mode": mode,
                                 "kind": kind, "median_ms": ms, "baseline": "ew",
-                                "ratio": ratio})
-                log(f"[step] {mode:8s} K={k:3d} {name:14s} {ms:9.3f} ms  {ratio:5.2f}x ew")
+                                "ratio": ratio, "first_call_s": first_s})
+                log(f"[step] {mode:8s} K={k:3d} {name:14s} {ms:9.3f} ms  {ratio:5.2f}x ew"
+                    f"  (first call {first_s:5.2f} s)")
 
 
 def _kind(method) -> str:
