@@ -517,8 +517,6 @@ def test_scheduled_state_checked():
         m.update(Inputs(jnp.ones(2, bool), jnp.ones(2)), jmtl.uw().init(2))
 
 
-@pytest.mark.xfail(raises=jax.errors.TracerBoolConversionError, strict=False,
-                   reason="needs the trace-safe cagrad factory from its own branch")
 def test_cagrad_c_schedule_mean_then_cagrad():
     sched = optax.linear_schedule(0.0, 0.4, 10)
     m = jmtl.cagrad(c=sched)

@@ -36,8 +36,6 @@ KNOWN_FAILURES = {
         "update is 0, Nash-MTL returns |d| = 0.15 (relative component -0.005)",
     ("fairgrad", "non_conflicting"):
         "rank-2 Jacobian whose rows positively span their plane: relative component -0.0015",
-    ("moco", "finite"):
-        "NaN update for |J| ~ 1e20 (float32 overflow)",
     ("famo", "absent_tasks"):
         "state.pending of an absent task is reset (1 -> 0)",
 }
