@@ -44,7 +44,10 @@ def presence(lin: Linearised, present: Any, name: str) -> jax.Array:
 
 
 def _flat_rows(lin: Linearised, stats: _jacobian_pass.Stats) -> jax.Array:
-    flat = jac_lib.flatten_rows(stats.jac)
+    if stats.flat is None:
+        flat = jac_lib.flatten_rows(stats.jac)
+    else:
+        flat = stats.flat.astype(jac_lib.compute_dtype(stats.flat.dtype))
     if lin.mode == CONCAT and lin.replicas.active:
         # The whole-batch rows: the replicas' blocks side by side, divided by R.
         flat = lin.replicas.gather_columns(flat) / lin.replicas.count()
@@ -63,7 +66,10 @@ def _shared_part(lin: Linearised, method: base.Method, plan: _jacobian_pass.Plan
             d = lin.replicas.local_block(out) * lin.replicas.count()
         return jac_lib.unflatten_row(d, stats.jac), lin.heads(head_w)
     if plan.combine:
-        return jac_lib.combine(out, stats.jac), lin.heads(head_w)
+        if stats.flat is None:
+            return jac_lib.combine(out, stats.jac), lin.heads(head_w)
+        return (jac_lib.unflatten_row(jac_lib.combine(out, stats.flat), stats.jac),
+                lin.heads(head_w))
     x_grad, head_grads = lin.backward(out)
     if head_w is not out:
         head_grads = lin.heads(head_w)
