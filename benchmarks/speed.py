@@ -20,6 +20,9 @@ d. ``torchjd``: when ``torch`` and ``torchjd`` import (``pip install jmtl[compar
    the same model and batch with torchjd's ``mtl_backward`` + ``jac_to_grad`` and the
    matching aggregator, in the same process; the ratio is jmtl / torchjd (below 1 means
    jmtl is faster). Skipped with a message when they are absent.
+e. ``--jmtl-ref REV``: parts (a, params mode) and (d) again for jmtl at git revision
+   ``REV`` (exported with ``git archive``, measured by this script in a child process),
+   and a side-by-side table: torchjd, jmtl at ``REV``, jmtl now.
 
 Run::
 
@@ -31,20 +34,35 @@ kind, median ms, ratio to its baseline), ``speed.md`` and ``speed.png`` (time pe
 against K per method, log scale) into ``--out`` (default ``benchmarks/results``). The
 backend and device kind are detected and recorded; the script runs unchanged on a GPU.
 
-Targets (from the project's design notes): loss-level methods ≤ 1.05× ``ew``;
-Gramian methods in features mode ≤ 1.3× ``ew`` at K = 8; every solver at K = 128 at or
-under the Gramian's cost; ≥ 3× faster than torchjd per step at K = 8 and 32.
+Targets (issue 15 and the design notes): loss-level methods ≤ 1.05× ``ew``; Gramian
+methods in features mode ≤ 1.3× ``ew`` at K = 8; every solver at K = 128 ≤ 1.5× the
+Gramian's cost; params-mode ``upgrad`` and ``mgda`` ≥ 2× faster than torchjd at K = 8
+and ≥ 1.5× at K = 32, on one core::
+
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
+        taskset -c 1 python benchmarks/speed.py --parts step torchjd --ks 8 32 \\
+        --methods ew upgrad mgda --modes params --jmtl-ref cea9894 [--malloc keep]
+
+``--malloc keep`` re-runs the script with ``GLIBC_TUNABLES`` set so that glibc keeps
+freed memory instead of returning it (XLA:CPU allocates a step's temporaries on every
+call; above glibc's 32 MiB mmap ceiling each call would page-fault them in afresh).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# The jmtl to measure: this checkout, or another tree for --jmtl-ref (see below).
+_REPO = os.environ.get("JMTL_BENCH_REPO") or os.path.dirname(_HERE)
+sys.path.insert(0, _HERE)
+sys.path.insert(1, _REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -62,6 +80,8 @@ from jmtl.methods import base  # noqa: E402
 
 BATCH = 256
 IN_DIM = 64
+# glibc: never serve a block from mmap, never trim the heap; freed blocks are reused.
+KEEP_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 QUICK_METHODS = ("ew", "uw", "mgda", "upgrad", "cagrad")
 SOLVER_DIM = 10_000
 LR = 1e-3
@@ -116,12 +136,17 @@ def data(key: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return (jax.random.normal(kx, (BATCH, IN_DIM)), jax.random.normal(ky, (BATCH, k)))
 
 
+# Extra keyword arguments of every value_and_mtl_grad call (--task-batching).
+ENGINE_KWARGS: dict = {}
+
+
 def make_grad_fn(method: base.Method, mode: str, chunk_size: int | None = None):
     """``jmtl.value_and_mtl_grad`` for this model in ``mode`` ("params" or "features")."""
     if mode == "params":
-        return value_and_mtl_grad(loss_fn, method, shared=SHARED, chunk_size=chunk_size)
+        return value_and_mtl_grad(loss_fn, method, shared=SHARED, chunk_size=chunk_size,
+                                  **ENGINE_KWARGS)
     if mode == "features":
-        return value_and_mtl_grad(heads_loss, method, encoder=encode)
+        return value_and_mtl_grad(heads_loss, method, encoder=encode, **ENGINE_KWARGS)
     raise ValueError(mode)
 
 
@@ -275,6 +300,10 @@ def bench_memory(names, ks, chunk, records, log):
                 f"(full Jacobian {jac_mb:.2f} MiB)")
 
 
+# Issue 15's targets: params-mode upgrad and mgda speed-up over torchjd's step, by K.
+TORCHJD_TARGETS = {8: 2.0, 32: 1.5}
+
+
 # jmtl name -> torchjd aggregator factory (K -> aggregator); None: plain backward of sum.
 def _torchjd_aggregators():
     from torchjd import aggregation as A
@@ -355,6 +384,45 @@ def bench_torchjd(names, ks, repeats, records, log, threads=None):
                                     "ratio": ratio})
                     log(f"[torchjd] {mode:8s} K={k:3d} {name:12s} jmtl {mine[0]['median_ms']:8.3f}"
                         f" ms, torchjd {ms:8.3f} ms: {1 / ratio:5.2f}x faster")
+
+
+def bench_reference(rev: str, names, ks, repeats, records, log, argv_extra=()) -> None:
+    """Part (e): the same step and torchjd parts with jmtl at git revision ``rev``.
+
+    The revision is exported with ``git archive`` and measured by this script in a child
+    process (``JMTL_BENCH_REPO``), so the harness, model and torchjd step are the same;
+    each jmtl is compared with the torchjd step timed in its own process.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = os.path.join(tmp, "tree")
+        os.makedirs(tree)
+        subprocess.run(f"git -C '{os.path.dirname(_HERE)}' archive {rev} | tar -x -C '{tree}'",
+                       shell=True, check=True)
+        out = os.path.join(tmp, "out")
+        cmd = [sys.executable, os.path.abspath(__file__), "--parts", "step", "torchjd",
+               "--methods", *names, "--ks", *map(str, ks), "--repeats", str(repeats),
+               "--out", out, "--modes", "params", *argv_extra]
+        log(f"[reference] jmtl at {rev}: {' '.join(cmd[1:])}")
+        subprocess.run(cmd, env=dict(os.environ, JMTL_BENCH_REPO=tree), check=True)
+        with open(os.path.join(out, "speed.json")) as f:
+            theirs = json.load(f)["records"]
+    for r in theirs:
+        if r["part"] == "torchjd" and r["mode"] == "params":
+            records.append(dict(r, part="reference", ref=rev))
+
+
+def side_by_side(records) -> list[list]:
+    """Rows ``method, K, torchjd ms, jmtl <ref> ms (speed-up), jmtl ms (speed-up)``."""
+    rows = []
+    for ref in [r for r in records if r["part"] == "reference"]:
+        now = [r for r in records if r["part"] == "torchjd" and r["mode"] == "params"
+               and r["method"] == ref["method"] and r["K"] == ref["K"]]
+        if now:
+            n = now[0]
+            rows.append([ref["method"], ref["K"], f"{n['torchjd_ms']:.1f}",
+                         f"{ref['median_ms']:.1f} ({1 / ref['ratio']:.2f}×)",
+                         f"{n['median_ms']:.1f} ({1 / n['ratio']:.2f}×)"])
+    return rows
 
 
 def _torch_median_ms(fn, repeats: int) -> float:
@@ -449,6 +517,14 @@ def markdown(records, info, args) -> str:
             ["method", "K", "chunk_size", "temp MiB", "one K×d Jacobian MiB", "ratio"],
             [[r["method"], r["K"], str(r["chunk_size"]), r["temp_mb"], r["jacobian_mb"],
               r["ratio"]] for r in mem]))
+    rows = side_by_side(records)
+    if rows:
+        ref = next(r["ref"] for r in records if r["part"] == "reference")
+        out.append(f"\n## Params mode against torchjd: jmtl at {ref} and now\n")
+        out.append("Speed-up = torchjd's step time / jmtl's, each pair timed in one process."
+                   "\n")
+        out.append(_common.markdown_table(
+            ["method", "K", "torchjd ms (this run)", f"jmtl {ref} ms", "jmtl ms"], rows))
     tj = [r for r in records if r["part"] == "torchjd"]
     if tj:
         out.append("\n## Against torchjd (same model, batch and aggregator)\n")
@@ -481,20 +557,18 @@ def targets(records) -> str:
     solv = [r for r in records if r["part"] == "solver" and r["K"] == max(
         [q["K"] for q in records if q["part"] == "solver"] or [0]) and r["method"] != "gramian"]
     if solv:
-        bad = [f"{r['method']} ({r['ratio']:.1f}×)" for r in solv if r["ratio"] > 1.0]
-        lines.append(f"- solvers at K={solv[0]['K']} ≤ the Gramian's cost: "
+        bad = [f"{r['method']} ({r['ratio']:.2f}×)" for r in solv if r["ratio"] > 1.5]
+        lines.append(f"- solvers at K={solv[0]['K']} ≤ 1.5× the Gramian's cost: "
                      f"{len(solv) - len(bad)}/{len(solv)} met"
                      + (f" (over: {', '.join(sorted(bad))})" if bad else ""))
-    tj = [r for r in records if r["part"] == "torchjd" and r["K"] in (8, 32)]
+    tj = [r for r in records if r["part"] == "torchjd" and r["mode"] == "params"
+          and r["method"] in ("upgrad", "mgda") and r["K"] in TORCHJD_TARGETS]
     if tj:
-        for mode in ("params", "features"):
-            sel = [r for r in tj if r["mode"] == mode]
-            if sel:
-                ok = [r for r in sel if 1 / r["ratio"] >= 3]
-                lines.append(f"- ≥ 3× faster than torchjd at K=8, 32 ({mode} mode): "
-                             f"{len(ok)}/{len(sel)} met; speed-ups "
-                             + ", ".join(f"{r['method']}@{r['K']} {1 / r['ratio']:.1f}×"
-                                         for r in sel))
+        ok = [r for r in tj if 1 / r["ratio"] >= TORCHJD_TARGETS[r["K"]]]
+        lines.append("- params-mode upgrad/mgda faster than torchjd by ≥ "
+                     + ", ".join(f"{v}× at K={k}" for k, v in TORCHJD_TARGETS.items())
+                     + f": {len(ok)}/{len(tj)} met; speed-ups "
+                     + ", ".join(f"{r['method']}@{r['K']} {1 / r['ratio']:.2f}×" for r in tj))
     return "\n".join(lines) + "\n"
 
 
@@ -510,7 +584,23 @@ def main(argv=None) -> dict:
                    help="numbers of tasks of the step benchmark (default 2 8 32 128)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads for the torchjd comparison on CPU")
+    p.add_argument("--modes", nargs="*", default=["params", "features"],
+                   help="engine modes of the step part")
+    p.add_argument("--task-batching", default=None, choices=["gemm", "vmap"],
+                   help="value_and_mtl_grad(task_batching=...) (default: the engine's)")
+    p.add_argument("--jmtl-ref", default=None, metavar="REV",
+                   help="also measure jmtl at this git revision (params-mode step and "
+                        "torchjd parts, in a child process) for a side-by-side table")
+    p.add_argument("--malloc", choices=["default", "keep"], default="default",
+                   help="'keep': re-run under GLIBC_TUNABLES that keep freed memory in "
+                        "the heap (see README, 'CPU: page faults'); applies to torch too")
     args = p.parse_args(argv)
+    if args.malloc == "keep" and os.environ.get("GLIBC_TUNABLES") != KEEP_MALLOC:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv],
+                  dict(os.environ, GLIBC_TUNABLES=KEEP_MALLOC))
+    if args.task_batching:
+        ENGINE_KWARGS["task_batching"] = args.task_batching
     args.out = args.out or _common.default_out(args.quick)
     quick = args.quick
     names = _common.select_methods(args.methods or (QUICK_METHODS if quick else None))
@@ -524,14 +614,18 @@ def main(argv=None) -> dict:
     log = lambda s: print(s, flush=True)
     t0 = time.perf_counter()
     if "step" in args.parts:
-        bench_steps(names, step_ks, ("params", "features"), repeats, records, log)
+        bench_steps(names, step_ks, tuple(args.modes), repeats, records, log)
     if "solver" in args.parts:
         bench_solvers(names, solver_ks, repeats, records, log)
     if "memory" in args.parts:
         bench_memory(names, mem_ks, 4, records, log)
     if "torchjd" in args.parts:
-        bench_torchjd(names, (8,) if quick else (2, 8, 32, 128), repeats, records, log,
+        bench_torchjd(names, (8,) if quick else step_ks, repeats, records, log,
                       args.torch_threads)
+    if args.jmtl_ref:
+        extra = ["--torch-threads", str(args.torch_threads)]
+        bench_reference(args.jmtl_ref, [n for n in names if n != "ew"],
+                        (8,) if quick else step_ks, repeats, records, log, extra)
     for r in records:
         r.setdefault("device_kind", info["device_kind"])
         r.setdefault("backend", info["backend"])
@@ -539,7 +633,9 @@ def main(argv=None) -> dict:
     _common.write_json(os.path.join(args.out, "speed.json"), {
         "benchmark": "speed", "device": info, "quick": quick,
         "config": {"batch": BATCH, "in_dim": IN_DIM, "solver_dim": SOLVER_DIM,
-                   "repeats": repeats}, "records": records,
+                   "repeats": repeats, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+                   "xla_flags": os.environ.get("XLA_FLAGS"), **ENGINE_KWARGS},
+        "records": records,
         "seconds": time.perf_counter() - t0})
     md = markdown(records, info, args)
     _common.write_text(os.path.join(args.out, "speed.md"), md)

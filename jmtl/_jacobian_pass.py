@@ -22,17 +22,24 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jmtl import _task_vmap
 from jmtl import jacobian as jac_lib
 from jmtl._linearise import CONCAT, MEAN, Linearised
 from jmtl.methods import base
 
-__all__ = ["AUTO", "COMBINE", "VJP", "FINAL_STEPS", "AUTO_FEATURES_CHUNK", "Plan", "Stats",
-           "make_plan", "run"]
+__all__ = ["AUTO", "COMBINE", "VJP", "FINAL_STEPS", "AUTO_FEATURES_CHUNK", "GEMM", "VMAP",
+           "TASK_BATCHINGS", "Plan", "Stats", "make_plan", "run"]
 
 AUTO = "auto"
 COMBINE = "combine"
 VJP = "vjp"
 FINAL_STEPS = (AUTO, COMBINE, VJP)
+
+# How the per-task VJP is batched over tasks: jmtl._task_vmap.vmap_rows (weight gradients
+# as task-batched GEMMs) or plain jax.vmap. Same numbers; see jmtl._task_vmap.
+GEMM = "gemm"
+VMAP = "vmap"
+TASK_BATCHINGS = (GEMM, VMAP)
 
 # Tasks per chunk of the automatic features-mode Gramian (see ``chunk_size``).
 AUTO_FEATURES_CHUNK = 8
@@ -50,6 +57,7 @@ class Plan(NamedTuple):
       combine: the final shared gradient is the contraction ``sum_i w_i J_i`` of the rows
         (else one more VJP with the weights as cotangent).
       chunk_size: tasks per chunk, or ``None`` for all at once.
+      batching: :data:`GEMM` or :data:`VMAP` (how the VJP is batched over tasks).
     """
 
     jacobian: bool
@@ -59,6 +67,7 @@ class Plan(NamedTuple):
     rows: bool
     combine: bool
     chunk_size: int | None
+    batching: str = GEMM
 
 
 class Stats(NamedTuple):
@@ -79,7 +88,7 @@ class Stats(NamedTuple):
 
 
 def make_plan(method: base.Method, *, features: bool, final_step: str, chunk_size: Any,
-              low_precision_x: bool, replicated: bool) -> Plan:
+              low_precision_x: bool, replicated: bool, batching: str = GEMM) -> Plan:
     """Every automatic choice of the engine, from the method's needs and the inputs.
 
     * ``chunk_size="auto"``: no chunking in params mode; in features mode, chunks of
@@ -104,7 +113,7 @@ def make_plan(method: base.Method, *, features: bool, final_step: str, chunk_siz
     else:
         combine = step == COMBINE and use_jac
     return Plan(jacobian=use_jac, flat=flat, gramian=gram, norms=norms, rows=flat or combine,
-                combine=combine, chunk_size=chunk_size)
+                combine=combine, chunk_size=chunk_size, batching=batching)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -126,6 +135,7 @@ class _Ctx(NamedTuple):
     cdt: Any
     ct_dtype: Any
     k: int
+    batching: str
 
     def reduce_rows(self, jac):
         # Params mode: average the replicas' Jacobians before anything reads them.
@@ -151,7 +161,11 @@ class _Ctx(NamedTuple):
         return jac_lib.power_of_two_above(m)
 
     def rows_of(self, eye, present):
-        return _mask_rows(self.reduce_rows(jax.vmap(self.lin.rows)(eye)), present)
+        if self.batching == GEMM:
+            rows = _task_vmap.vmap_rows(self.lin.rows, eye)
+        else:
+            rows = jax.vmap(self.lin.rows)(eye)
+        return _mask_rows(self.reduce_rows(rows), present)
 
     def sq_norms(self, jac, scale):
         """Squared norms of the norm-subset rows divided by ``scale``, ``(c,)``."""
@@ -307,7 +321,7 @@ def run(lin: Linearised, plan: Plan, present: jax.Array, norm_mask: list | None)
     ct_dtype = lin.losses.dtype
     ctx = _Ctx(lin=lin, present=present, norm_mask=norm_mask,
                cdt=jac_lib.compute_dtype(*[x.dtype for x in lin.x]), ct_dtype=ct_dtype,
-               k=lin.losses.shape[0])
+               k=lin.losses.shape[0], batching=plan.batching)
     c = plan.chunk_size
     if c is None or c >= ctx.k:
         return _all_rows(ctx, plan)
