@@ -138,6 +138,8 @@ def data(key: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 # Extra keyword arguments of every value_and_mtl_grad call (--task-batching).
 ENGINE_KWARGS: dict = {}
+# --donate: the step donates (params, state) and each call continues from the last.
+DONATE: tuple = ()
 
 
 def make_grad_fn(method: base.Method, mode: str, chunk_size: int | None = None):
@@ -164,7 +166,7 @@ def make_step(method: base.Method, mode: str, chunk_size: int | None = None):
             _, grads = jax.value_and_grad(total)(params)
             updates, _ = opt.update(grads, opt.init(params), params)
             return optax.apply_updates(params, updates), state
-        return jax.jit(step), lambda params, x, y: ()
+        return jax.jit(step, donate_argnums=DONATE), lambda params, x, y: ()
     grad_fn = make_grad_fn(method, mode, chunk_size)
 
     def step(params, state, x, y, key):
@@ -172,7 +174,21 @@ def make_step(method: base.Method, mode: str, chunk_size: int | None = None):
         updates, _ = opt.update(grads, opt.init(params), params)
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step), grad_fn.init
+    return jax.jit(step, donate_argnums=DONATE), grad_fn.init
+
+
+def _runner(step, params, state, x, y, key):
+    """``run()`` for the timers: one step; with --donate the step's outputs feed the next
+    call (a training loop's steady state), else every call sees the same inputs."""
+    if not DONATE:
+        return lambda: step(params, state, x, y, key)
+    carry = [jax.tree_util.tree_map(jnp.copy, params), jax.tree_util.tree_map(jnp.copy, state)]
+
+    def run():
+        carry[0], carry[1] = step(carry[0], carry[1], x, y, key)
+        return carry[0]
+
+    return run
 
 
 def shared_dim(params: dict) -> int:
@@ -196,10 +212,10 @@ def bench_steps(names, ks, modes, repeats, records, log):
                     step, init = make_step(method, mode)
                     state = init(params, x, y)
                     # The first call: tracing and compiling (plus one step).
+                    run = _runner(step, params, state, x, y, key)
                     t0 = time.perf_counter()
-                    jax.block_until_ready(step(params, state, x, y, key))
+                    jax.block_until_ready(run())
                     first_s = time.perf_counter() - t0
-                    run = (lambda step=step, state=state: step(params, state, x, y, key))
                     if name == "ew":
                         baseline = run
                         ms = _common.median_ms(run, repeats=repeats, min_time_s=0.2)
@@ -588,6 +604,9 @@ def main(argv=None) -> dict:
                    help="engine modes of the step part")
     p.add_argument("--task-batching", default=None, choices=["gemm", "vmap"],
                    help="value_and_mtl_grad(task_batching=...) (default: the engine's)")
+    p.add_argument("--donate", action="store_true",
+                   help="step parts: jit with donate_argnums=(params, state) and feed each "
+                        "step's outputs to the next, as a training loop does")
     p.add_argument("--jmtl-ref", default=None, metavar="REV",
                    help="also measure jmtl at this git revision (params-mode step and "
                         "torchjd parts, in a child process) for a side-by-side table")
@@ -601,6 +620,8 @@ def main(argv=None) -> dict:
                   dict(os.environ, GLIBC_TUNABLES=KEEP_MALLOC))
     if args.task_batching:
         ENGINE_KWARGS["task_batching"] = args.task_batching
+    global DONATE
+    DONATE = (0, 1) if args.donate else ()
     args.out = args.out or _common.default_out(args.quick)
     quick = args.quick
     names = _common.select_methods(args.methods or (QUICK_METHODS if quick else None))
@@ -623,7 +644,8 @@ def main(argv=None) -> dict:
         bench_torchjd(names, (8,) if quick else step_ks, repeats, records, log,
                       args.torch_threads)
     if args.jmtl_ref:
-        extra = ["--torch-threads", str(args.torch_threads)]
+        extra = ["--torch-threads", str(args.torch_threads)] + (
+            ["--donate"] if args.donate else [])
         bench_reference(args.jmtl_ref, [n for n in names if n != "ew"],
                         (8,) if quick else step_ks, repeats, records, log, extra)
     for r in records:
@@ -634,6 +656,7 @@ def main(argv=None) -> dict:
         "benchmark": "speed", "device": info, "quick": quick,
         "config": {"batch": BATCH, "in_dim": IN_DIM, "solver_dim": SOLVER_DIM,
                    "repeats": repeats, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+                   "donate": bool(DONATE),
                    "xla_flags": os.environ.get("XLA_FLAGS"), **ENGINE_KWARGS},
         "records": records,
         "seconds": time.perf_counter() - t0})
