@@ -160,11 +160,15 @@ class _Ctx(NamedTuple):
             m = m / reps.count()
         return jac_lib.power_of_two_above(m)
 
-    def rows_of(self, eye, present):
+    def rows_of(self, first, present):
+        """Rows of tasks ``first .. first + c - 1`` (``c = len(present)``; zero past K)."""
+        c = present.shape[0]
         if self.batching == GEMM:
-            rows = _task_vmap.vmap_rows(self.lin.rows, eye)
+            rows = _task_vmap.vmap_rows(self.lin.rows, self.k, self.ct_dtype, rows=c,
+                                        first=first)
         else:
-            rows = jax.vmap(self.lin.rows)(eye)
+            eye = (first + jnp.arange(c))[:, None] == jnp.arange(self.k)[None, :]
+            rows = jax.vmap(self.lin.rows)(eye.astype(self.ct_dtype))
         return _mask_rows(self.reduce_rows(rows), present)
 
     def sq_norms(self, jac, scale):
@@ -182,7 +186,7 @@ class _Ctx(NamedTuple):
 
 
 def _all_rows(ctx: _Ctx, plan: Plan) -> Stats:
-    jac = ctx.rows_of(jnp.eye(ctx.k, dtype=ctx.ct_dtype), ctx.present)
+    jac = ctx.rows_of(0, ctx.present)
     return _stats_from_rows(ctx, plan, jac)
 
 
@@ -203,11 +207,10 @@ def _stats_from_rows(ctx: _Ctx, plan: Plan, jac: list) -> Stats:
 
 
 def _chunks(ctx: _Ctx, c: int):
+    """``n`` chunks of ``c`` tasks: each chunk's first task and presence mask."""
     n = -(-ctx.k // c)
-    eye = jnp.eye(ctx.k, dtype=ctx.ct_dtype)
-    eye_p = jnp.concatenate([eye, jnp.zeros((n * c - ctx.k, ctx.k), ctx.ct_dtype)], axis=0)
     pres_p = jnp.concatenate([ctx.present, jnp.zeros((n * c - ctx.k,), bool)])
-    return n, (jnp.reshape(eye_p, (n, c, ctx.k)), jnp.reshape(pres_p, (n, c)))
+    return n, (jnp.arange(0, n * c, c, dtype=jnp.int32), jnp.reshape(pres_p, (n, c)))
 
 
 def _chunked_rows(ctx: _Ctx, plan: Plan, c: int) -> Stats:

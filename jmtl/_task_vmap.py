@@ -26,10 +26,11 @@ its ``bind``, i.e. JAX's batching rule, unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
@@ -45,23 +46,54 @@ _CALLS = ("jit", "pjit", "closed_call", "core_call")
 BROADCAST_BYTES = 8 * 2**20
 
 
-def vmap_rows(fn: Callable[[jax.Array], Any], cotangents: jax.Array) -> Any:
-    """``jax.vmap(fn)(cotangents)`` for a linear ``fn`` such as a VJP.
+class _OneHot(NamedTuple):
+    """A task-batched value whose row ``t`` is ``x`` masked to index ``first + t`` of its
+    axis ``axis`` (``x * (iota == first + t)``), kept unbatched until an equation needs
+    it dense. The one-hot cotangents start this way."""
+
+    x: jax.Array
+    axis: int
+    first: Any  # a Python int, or a traced int32 scalar in chunked passes
+
+
+def vmap_rows(fn: Callable[[jax.Array], Any], num_tasks: int, dtype: Any, *,
+              rows: int | None = None, first: Any = 0) -> Any:
+    """``jax.vmap(fn)`` over the one-hot cotangents ``e_first, ..., e_{first+rows-1}``.
+
+    Rows past ``num_tasks`` (padding of the last chunk) are zero.
 
     Args:
-      fn: ``(K,) cotangent -> pytree`` (traced once, on ``cotangents[0]``).
-      cotangents: ``(n, K)``: one cotangent per row.
+      fn: ``(num_tasks,) cotangent -> pytree``, linear (a VJP); traced once.
+      num_tasks: K, the length of a cotangent.
+      dtype: the cotangents' dtype.
+      rows: how many one-hot cotangents (default ``num_tasks``).
+      first: index of the first one (an int, or a traced int32 scalar).
 
     Returns:
-      ``fn``'s output pytree with a leading axis of size ``n``.
+      ``fn``'s output pytree with a leading axis of size ``rows``.
     """
-    n = cotangents.shape[0]
-    closed = jax.make_jaxpr(fn)(cotangents[0])
-    outs = _eval(closed.jaxpr, [(c, None) for c in closed.consts], [(cotangents, 0)], n)
-    leaves = [jnp.broadcast_to(x, (n,) + jnp.shape(x)) if b is None else jnp.moveaxis(x, b, 0)
-              for x, b in outs]
-    tree = jax.tree_util.tree_structure(jax.eval_shape(fn, cotangents[0]))
+    n = num_tasks if rows is None else rows
+    probe = jnp.zeros((num_tasks,), dtype)
+    closed = jax.make_jaxpr(fn)(probe)
+    start = _OneHot(jnp.ones((num_tasks,), dtype), 0, first)
+    outs = _eval(closed.jaxpr, [(c, None) for c in closed.consts], [start], n)
+    leaves = []
+    for v in outs:
+        x, b = _dense(v, n)
+        leaves.append(jnp.broadcast_to(x, (n,) + jnp.shape(x)) if b is None
+                      else jnp.moveaxis(x, b, 0))
+    tree = jax.tree_util.tree_structure(jax.eval_shape(fn, probe))
     return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def _dense(v, n: int):
+    """``(value, task_axis or None)`` of a value, materialising a :class:`_OneHot`."""
+    if not isinstance(v, _OneHot):
+        return v
+    x, axis = v.x, v.axis
+    hit = jnp.arange(x.shape[axis])[None, :] == (v.first + jnp.arange(n))[:, None]
+    hit = jnp.reshape(hit, (n,) + (1,) * axis + (x.shape[axis],) + (1,) * (x.ndim - axis - 1))
+    return jnp.where(hit, x[None], jnp.zeros((), x.dtype)), 0
 
 
 def _bind(eqn, vals: Sequence[Any]) -> list:
@@ -74,7 +106,7 @@ def _bind(eqn, vals: Sequence[Any]) -> list:
 
 
 def _eval(jaxpr, consts: list, args: list, n: int) -> list:
-    """Evaluates ``jaxpr`` on ``(value, task_axis or None)`` pairs."""
+    """Evaluates ``jaxpr`` on ``(value, task_axis or None)`` pairs and :class:`_OneHot`."""
     env: dict = {}
 
     def read(v):
@@ -86,23 +118,130 @@ def _eval(jaxpr, consts: list, args: list, n: int) -> list:
         env[v] = x
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
-        vals = [x for x, _ in ins]
-        axes = tuple(b for _, b in ins)
         with eqn.ctx.manager:
-            if all(b is None for b in axes):
-                outs = [(o, None) for o in _bind(eqn, vals)]
-            elif eqn.primitive.name in _CALLS:
-                inner = eqn.params["jaxpr"]
-                outs = _eval(inner.jaxpr, [(c, None) for c in inner.consts], ins, n)
-            elif eqn.primitive.name == "dot_general" and _transposing_fold(vals, axes, eqn):
-                outs = [(_batched_dot(vals, axes, eqn, n), 0)]
-            else:
-                out = jax.vmap(lambda *a, eqn=eqn: _bind(eqn, a), in_axes=axes,
-                               axis_size=n)(*vals)
-                outs = [(o, 0) for o in out]
+            outs = _eval_eqn(eqn, ins, n)
         for v, o in zip(eqn.outvars, outs, strict=True):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_eqn(eqn, ins: list, n: int) -> list:
+    name = eqn.primitive.name
+    if name in _CALLS:
+        inner = eqn.params["jaxpr"]
+        return _eval(inner.jaxpr, [(c, None) for c in inner.consts], ins, n)
+    if any(isinstance(v, _OneHot) for v in ins):
+        out = _one_hot_rule(eqn, ins, n)
+        if out is not None:
+            return out
+        ins = [_dense(v, n) for v in ins]
+    vals = [x for x, _ in ins]
+    axes = tuple(b for _, b in ins)
+    if all(b is None for b in axes):
+        return [(o, None) for o in _bind(eqn, vals)]
+    if name == "dot_general" and _transposing_fold(vals, axes, eqn):
+        return [(_batched_dot(vals, axes, eqn, n), 0)]
+    out = jax.vmap(lambda *a: _bind(eqn, a), in_axes=axes, axis_size=n)(*vals)
+    return [(o, 0) for o in out]
+
+
+_ONE_HOT_UNARY = ("neg", "convert_element_type", "copy", "copy_p", "reduce_precision")
+
+
+def _one_hot_rule(eqn, ins: list, n: int) -> list | None:
+    """The equation on :class:`_OneHot` inputs kept one-hot, or ``None`` (densify).
+
+    Only equations that map zeros to zeros and keep the mask on one axis: unary sign
+    and dtype changes, products with an unbatched operand, sums of two one-hot values
+    on the same axis, division by a literal, broadcasts, transposes, reshapes and
+    reductions that keep the axis, and ``dot_general`` (which ends the one-hot form
+    when it contracts the axis: row ``t`` is then a product of slices ``first + t``).
+    """
+    name = eqn.primitive.name
+    hot = [i for i, v in enumerate(ins) if isinstance(v, _OneHot)]
+    h = ins[hot[0]]
+
+    def keep(x, axis):
+        return [_OneHot(x, axis, h.first)]
+
+    if name in _ONE_HOT_UNARY and len(ins) == 1:
+        return keep(_bind(eqn, [h.x])[0], h.axis)
+    if name == "mul" and len(ins) == 2:
+        other = ins[1 - hot[0]]
+        if len(hot) == 1 and other[1] is None:
+            vals = [h.x, other[0]] if hot[0] == 0 else [other[0], h.x]
+            return keep(_bind(eqn, vals)[0], h.axis)
+        return None
+    if name == "div" and hot == [0] and isinstance(eqn.invars[1], jcore.Literal):
+        return keep(_bind(eqn, [h.x, ins[1][0]])[0], h.axis)
+    if name in ("add", "sub", "add_any") and len(hot) == 2:
+        a, b = ins
+        if a.axis == b.axis and a.first is b.first:
+            return keep(_bind(eqn, [a.x, b.x])[0], a.axis)
+        return None
+    if len(ins) != 1:
+        return _one_hot_dot(eqn, ins, hot, n) if name == "dot_general" else None
+    if name == "broadcast_in_dim":
+        return keep(_bind(eqn, [h.x])[0], eqn.params["broadcast_dimensions"][h.axis])
+    if name == "transpose":
+        return keep(_bind(eqn, [h.x])[0], list(eqn.params["permutation"]).index(h.axis))
+    if name in ("reduce_sum", "squeeze"):
+        gone = eqn.params["axes" if name == "reduce_sum" else "dimensions"]
+        if h.axis in gone:
+            return None
+        return keep(_bind(eqn, [h.x])[0], h.axis - sum(a < h.axis for a in gone))
+    if name == "reshape" and eqn.params.get("dimensions") is None:
+        old, new = h.x.shape, tuple(eqn.params["new_sizes"])
+        before = int(np.prod(old[:h.axis]))
+        for j, size in enumerate(new):
+            if size == old[h.axis] and int(np.prod(new[:j])) == before:
+                return keep(_bind(eqn, [h.x])[0], j)
+    return None
+
+
+def _one_hot_dot(eqn, ins, hot, n: int) -> list | None:
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if len(hot) != 1 or lb or rb or ins[1 - hot[0]][1] is not None:
+        return None
+    i = hot[0]
+    h, other = ins[i], ins[1 - i][0]
+    own, theirs = (lc, rc) if i == 0 else (rc, lc)
+    if h.axis not in own:  # the masked axis is a free dimension of the output
+        vals = [h.x, other] if i == 0 else [other, h.x]
+        out = _bind(eqn, vals)[0]
+        free = [d for d in range(h.x.ndim) if d not in own]
+        pos = free.index(h.axis)
+        if i == 1:
+            pos += ins[0][0].ndim - len(lc)
+        return [_OneHot(out, pos, h.first)]
+    # Contracting the masked axis: row t uses index first + t of both operands.
+    k = list(own).index(h.axis)
+    a = _pick(h.x, h.axis, h.first, n)
+    b = _pick(other, theirs[k], h.first, n)
+    a_rest = tuple(_moved(d, h.axis) for j, d in enumerate(own) if j != k)
+    b_rest = tuple(_moved(d, theirs[k]) for j, d in enumerate(theirs) if j != k)
+    lhs, rhs = (a, b) if i == 0 else (b, a)
+    contract = (a_rest, b_rest) if i == 0 else (b_rest, a_rest)
+    out = lax.dot_general(lhs, rhs, (contract, ((0,), (0,))),
+                          precision=eqn.params.get("precision"),
+                          preferred_element_type=eqn.params.get("preferred_element_type"))
+    return [(out, 0)]
+
+
+def _moved(d: int, axis: int) -> int:
+    """Where dimension ``d`` goes when ``axis`` moves to the front."""
+    return d + 1 if d < axis else d
+
+
+def _pick(x: jax.Array, axis: int, first: Any, n: int) -> jax.Array:
+    """``x``'s slices ``first .. first + n - 1`` along ``axis``, stacked in front (zero
+    past the end)."""
+    size = x.shape[axis]
+    if isinstance(first, int) and first + n <= size:
+        x = lax.slice_in_dim(x, first, first + n, axis=axis)
+        return jnp.moveaxis(x, axis, 0)
+    idx = first + jnp.arange(n)
+    return jnp.moveaxis(jnp.take(x, idx, axis=axis, mode="fill", fill_value=0), axis, 0)
 
 
 def _transposing_fold(vals, axes, eqn) -> bool:

@@ -89,7 +89,7 @@ def _setup(name):
 def test_rows_equal_separate_vjps_in_float64(name):
     params, x, y, losses = _setup(name)
     _, vjp = jax.vjp(losses, params)
-    rows = jax.jit(lambda e: _task_vmap.vmap_rows(vjp, e))(jnp.eye(K))
+    rows = jax.jit(lambda: _task_vmap.vmap_rows(vjp, K, jnp.float32))()
     with jax.enable_x64():
         to64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
         x64, y64 = to64(x), to64(y)
@@ -125,12 +125,45 @@ def _batched_dots(fn, *args) -> int:
 
 
 def test_dense_weight_gradients_become_task_batched_gemms():
-    """The dense model's two weight gradients are batched GEMMs; ``jax.vmap`` has none."""
+    """Batched GEMMs: ``w1``'s weight gradient and the product of the one-hot rows with
+    ``w2`` (``w2``'s own gradient stays one-hot: task k's touches column k only);
+    ``jax.vmap`` has none."""
     params, _, _, losses = _setup("dense")
     _, vjp = jax.vjp(losses, params)
     eye = jnp.eye(K)
-    assert _batched_dots(lambda e: _task_vmap.vmap_rows(vjp, e), eye) == 2
+    assert _batched_dots(lambda e: _task_vmap.vmap_rows(vjp, K, jnp.float32), eye) == 2
     assert _batched_dots(jax.vmap(vjp), eye) == 0
+
+
+@pytest.mark.parametrize("first", [0, 1, 3])
+@pytest.mark.parametrize("traced", [False, True])
+def test_a_chunk_of_rows_with_padding_past_k(first, traced):
+    """Rows ``first .. first + 3``; those past K are zero (the chunked passes' padding)."""
+    params, x, y, losses = _setup("dense")
+    _, vjp = jax.vjp(losses, params)
+    if traced:
+        rows = jax.jit(lambda f: _task_vmap.vmap_rows(vjp, K, jnp.float32, rows=3, first=f))(
+            jnp.int32(first))
+    else:
+        rows = jax.jit(lambda: _task_vmap.vmap_rows(vjp, K, jnp.float32, rows=3,
+                                                    first=first))()
+    full = jax.vmap(vjp)(jnp.eye(K))[0]
+    for key in params:
+        want = np.zeros((3,) + full[key].shape[1:], np.float32)
+        take = min(3, K - first)
+        want[:take] = np.asarray(full[key][first:first + take])
+        np.testing.assert_allclose(np.asarray(rows[0][key]), want, rtol=1e-6, atol=1e-7,
+                                   err_msg=key)
+
+
+def test_one_hot_rows_skip_the_k_squared_heads_product():
+    """The one-hot cotangent never becomes a dense (K, batch, K) array: the heads' input
+    gradient is an outer product per task, not a GEMM over a mostly-zero K axis."""
+    params, _, _, losses = _setup("dense")
+    _, vjp = jax.vjp(losses, params)
+    text = str(jax.make_jaxpr(lambda: _task_vmap.vmap_rows(vjp, K, jnp.float32))())
+    assert f"f32[{K},5,{K}]" not in text
+    assert f"f32[{K},5,{K}]" in str(jax.make_jaxpr(jax.vmap(vjp))(jnp.eye(K)))
 
 
 def test_engine_rows_match_brute_force_with_either_batching():
