@@ -3,8 +3,11 @@
 On ``speed.py``'s model (MLP trunk 64→256→256, ReLU, K linear heads, batch 256) this
 measures, in one process, interleaved, each jitted:
 
-* ``engine``: the per-task Jacobian w.r.t. the trunk as the engine computes it (a
-  ``vmap`` of the VJP over one-hot cotangents; :mod:`jmtl._jacobian_pass`);
+* ``engine``: the per-task Jacobian w.r.t. the trunk as the engine computes it
+  (:func:`jmtl._task_vmap.vmap_rows`: the VJP over one-hot cotangents with task-batched
+  weight-gradient GEMMs and one-hot rows kept one-hot);
+* ``vmap``: the same with plain ``jax.vmap`` of the VJP (the engine before issue 15,
+  ``task_batching="vmap"``);
 * ``folded``: the same Jacobian written by hand as task-folded GEMMs (the K cotangents
   stacked so that each weight gradient is one ``(n_in, B) × (B, K·n_out)`` GEMM and each
   input gradient one ``(K·B, n_out) × (n_out, n_in)`` GEMM);
@@ -32,16 +35,28 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import speed  # noqa: E402
 
+from jmtl import _task_vmap  # noqa: E402
 
-def engine_jacobian(params, x, y):
-    """The engine's way: ``vmap`` of the trunk VJP over the K one-hot cotangents."""
+
+def _trunk_vjp(params, x, y):
     names = speed.task_names(y.shape[1])
 
     def losses(trunk):
         tree = speed.loss_fn(dict(params, trunk=trunk), x, y)
         return jnp.stack([tree[n] for n in names])
 
-    _, vjp = jax.vjp(losses, params["trunk"])
+    return jax.vjp(losses, params["trunk"])[1]
+
+
+def engine_jacobian(params, x, y):
+    """The engine's way (:func:`jmtl._task_vmap.vmap_rows`)."""
+    vjp = _trunk_vjp(params, x, y)
+    return _task_vmap.vmap_rows(lambda e: vjp(e)[0], y.shape[1], jnp.float32)
+
+
+def vmap_jacobian(params, x, y):
+    """Plain ``jax.vmap`` of the trunk VJP over the K one-hot cotangents."""
+    vjp = _trunk_vjp(params, x, y)
     return jax.vmap(lambda e: vjp(e)[0])(jnp.eye(y.shape[1]))
 
 
@@ -69,7 +84,7 @@ def gemm_flops(k: int) -> float:
     h = speed.trunk_width(k)
     b, d = speed.BATCH, speed.IN_DIM
     weight = 2 * b * k * (d * h + h * h)          # the two weight gradients
-    inputs = 2 * b * k * h * h + 2 * b * k * k * h  # input gradient of w2 and of the heads
+    inputs = 2 * b * k * h * h  # input gradient of w2 (the heads' part is an outer product)
     return float(weight + inputs)
 
 
@@ -88,20 +103,23 @@ def main(argv=None) -> list[dict]:
     for k in args.ks:
         params = speed.init_params(jax.random.key(0), k)
         x, y = speed.data(jax.random.key(1), k)
-        eng, fold = jax.jit(engine_jacobian), jax.jit(folded_jacobian)
-        diff = max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(
-            jax.tree_util.tree_leaves(eng(params, x, y)),
-            jax.tree_util.tree_leaves(fold(params, x, y)), strict=True))
+        eng, vm, fold = (jax.jit(engine_jacobian), jax.jit(vmap_jacobian),
+                         jax.jit(folded_jacobian))
+        ref = jax.tree_util.tree_leaves(fold(params, x, y))
+        diff = max(float(jnp.max(jnp.abs(u - v))) for f in (eng, vm) for u, v in zip(
+            jax.tree_util.tree_leaves(f(params, x, y)), ref, strict=True))
         eng_ms, fold_ms, ratio = _common.paired_median_ms(
             lambda: eng(params, x, y), lambda: fold(params, x, y), repeats=args.repeats,
             min_time_s=0.2)
+        vm_ms = _common.median_ms(lambda: vm(params, x, y), repeats=args.repeats,
+                                  min_time_s=0.2)
         floor_ms = gemm_flops(k) / rate * 1e3
-        rows.append({"K": k, "engine_ms": eng_ms, "folded_ms": fold_ms,
+        rows.append({"K": k, "engine_ms": eng_ms, "vmap_ms": vm_ms, "folded_ms": fold_ms,
                      "engine/folded": ratio, "floor_ms": floor_ms,
                      "engine/floor": eng_ms / floor_ms, "max_abs_diff": diff})
-        print(f"K={k:3d} engine {eng_ms:7.2f} ms  folded {fold_ms:7.2f} ms  "
-              f"floor {floor_ms:7.2f} ms  engine/floor {eng_ms / floor_ms:4.2f}  "
-              f"max|diff| {diff:.1e}")
+        print(f"K={k:3d} engine {eng_ms:7.2f} ms  vmap {vm_ms:7.2f} ms  folded "
+              f"{fold_ms:7.2f} ms  floor {floor_ms:7.2f} ms  engine/floor "
+              f"{eng_ms / floor_ms:4.2f}  max|diff| {diff:.1e}")
     info = _common.device_info()
     table = _common.markdown_table(list(rows[0]), [list(r.values()) for r in rows])
     text = (f"# Params-mode Jacobian against the GEMM floor\n\n{info['backend']} "

@@ -13,10 +13,21 @@ back. Here the unbatched operand is broadcast along the task axis and the produc
 batched GEMM ``(K, batch, in)ᵀ × (K, batch, out)`` that reads every operand in its
 natural layout and writes the ``(K, in, out)`` rows directly.
 
+The cotangents are one-hot, and ``jax.vmap`` cannot know it: with stacked heads
+``pred = z @ W`` (``W`` of shape ``(width, K)``) it computes the heads' input gradient as
+a GEMM over a ``(K, batch, K)`` array that is zero but for one column per task, ``K² x
+batch x width`` multiply-adds. Here a value whose task rows are one array masked to one
+index per task (:class:`_OneHot`) stays in that form through the equations that keep it
+(products with unbatched values, broadcasts, reductions over other axes, transposes,
+...), and a ``dot_general`` that contracts the masked axis becomes a product of the
+selected slices: an outer product ``r[:, k] ⊗ W[:, k]`` per task, ``K x batch x width``.
+
 Same products and sums, so the same numbers (bit-identical in our measurements on
-XLA:CPU); on the benchmark MLP (``benchmarks/speed.py``, one core) the params-mode
-UPGrad step went from 10.0-10.6 to 8.5-8.7 ms at K = 8 and from 50-56 to 42-45 ms at
-K = 32 (docs/architecture.md, "The Jacobian pass").
+XLA:CPU; a non-finite residual poisons only the rows it belongs to, where ``vmap`` gives
+``0 x inf = nan`` in every row). On the benchmark MLP (``benchmarks/speed.py``, one
+core) the params-mode UPGrad step went from 9.4 to 8.0-9.3 ms at K = 8, from 62.5-64.4 to
+53.6-54.3 ms at K = 32 and from 114-120 to 99-109 ms at K = 128 (docs/architecture.md,
+"The Jacobian pass").
 
 Calls (``jit``) are evaluated inline, so dense layers inside jitted user functions are
 covered too. Every other primitive, control flow included, goes through ``jax.vmap`` of
@@ -49,10 +60,12 @@ BROADCAST_BYTES = 8 * 2**20
 class _OneHot(NamedTuple):
     """A task-batched value whose row ``t`` is ``x`` masked to index ``first + t`` of its
     axis ``axis`` (``x * (iota == first + t)``), kept unbatched until an equation needs
-    it dense. The one-hot cotangents start this way."""
+    it dense. The one-hot cotangents start this way. ``axis=None`` is a virtual axis of
+    size 1: row ``t`` is ``x`` for ``t == -first`` and zero otherwise (one task's loss
+    sliced out of the stacked losses, and everything computed from it)."""
 
     x: jax.Array
-    axis: int
+    axis: int | None
     first: Any  # a Python int, or a traced int32 scalar in chunked passes
 
 
@@ -91,9 +104,20 @@ def _dense(v, n: int):
     if not isinstance(v, _OneHot):
         return v
     x, axis = v.x, v.axis
+    if axis is None:
+        return _add_row(jnp.zeros((n,) + x.shape, x.dtype), v, n), 0
     hit = jnp.arange(x.shape[axis])[None, :] == (v.first + jnp.arange(n))[:, None]
     hit = jnp.reshape(hit, (n,) + (1,) * axis + (x.shape[axis],) + (1,) * (x.ndim - axis - 1))
     return jnp.where(hit, x[None], jnp.zeros((), x.dtype)), 0
+
+
+def _add_row(dense: jax.Array, v: _OneHot, n: int) -> jax.Array:
+    """``dense`` (task axis first) plus the single non-zero row of ``v`` (``axis=None``)."""
+    row = -v.first
+    if isinstance(row, int):
+        return dense.at[row].add(v.x) if 0 <= row < n else dense
+    ok = (row >= 0) & (row < n)
+    return dense.at[jnp.clip(row, 0, n - 1)].add(jnp.where(ok, v.x, jnp.zeros((), v.x.dtype)))
 
 
 def _bind(eqn, vals: Sequence[Any]) -> list:
@@ -174,19 +198,38 @@ def _one_hot_rule(eqn, ins: list, n: int) -> list | None:
         return None
     if name == "div" and hot == [0] and isinstance(eqn.invars[1], jcore.Literal):
         return keep(_bind(eqn, [h.x, ins[1][0]])[0], h.axis)
-    if name in ("add", "sub", "add_any") and len(hot) == 2:
+    if name in ("add", "add_any") and len(ins) == 2:
+        a, b = ins
+        if len(hot) == 2 and a.axis == b.axis and a.first is b.first:
+            return keep(_bind(eqn, [a.x, b.x])[0], a.axis)
+        # One task's contribution added into the rows (separate heads): a row update.
+        if len(hot) == 2 and a.axis is None and b.axis is None:
+            return [(_add_row(_dense(a, n)[0], b, n), 0)]
+        if len(hot) == 1 and h.axis is None and ins[1 - hot[0]][1] is not None:
+            x, b = ins[1 - hot[0]]
+            return [(_add_row(jnp.moveaxis(x, b, 0), h, n), 0)]
+        return None
+    if name == "sub" and len(hot) == 2:
         a, b = ins
         if a.axis == b.axis and a.first is b.first:
             return keep(_bind(eqn, [a.x, b.x])[0], a.axis)
         return None
     if len(ins) != 1:
         return _one_hot_dot(eqn, ins, hot, n) if name == "dot_general" else None
+    if h.axis is None and name in ("broadcast_in_dim", "transpose", "reduce_sum", "squeeze",
+                                   "reshape", "slice", "expand_dims"):
+        return keep(_bind(eqn, [h.x])[0], None)
+    if name == "slice" and eqn.params.get("strides") in (None, (1,) * h.x.ndim):
+        start = eqn.params["start_indices"][h.axis]
+        return [_OneHot(_bind(eqn, [h.x])[0], h.axis, h.first - start)]
     if name == "broadcast_in_dim":
         return keep(_bind(eqn, [h.x])[0], eqn.params["broadcast_dimensions"][h.axis])
     if name == "transpose":
         return keep(_bind(eqn, [h.x])[0], list(eqn.params["permutation"]).index(h.axis))
     if name in ("reduce_sum", "squeeze"):
         gone = eqn.params["axes" if name == "reduce_sum" else "dimensions"]
+        if name == "squeeze" and h.axis in gone:  # a size-1 masked axis: now virtual
+            return keep(_bind(eqn, [h.x])[0], None)
         if h.axis in gone:
             return None
         return keep(_bind(eqn, [h.x])[0], h.axis - sum(a < h.axis for a in gone))
@@ -196,6 +239,8 @@ def _one_hot_rule(eqn, ins: list, n: int) -> list | None:
         for j, size in enumerate(new):
             if size == old[h.axis] and int(np.prod(new[:j])) == before:
                 return keep(_bind(eqn, [h.x])[0], j)
+        if old[h.axis] == 1:
+            return keep(_bind(eqn, [h.x])[0], None)
     return None
 
 
@@ -206,9 +251,11 @@ def _one_hot_dot(eqn, ins, hot, n: int) -> list | None:
     i = hot[0]
     h, other = ins[i], ins[1 - i][0]
     own, theirs = (lc, rc) if i == 0 else (rc, lc)
-    if h.axis not in own:  # the masked axis is a free dimension of the output
+    if h.axis is None or h.axis not in own:  # the mask carries over to the output
         vals = [h.x, other] if i == 0 else [other, h.x]
         out = _bind(eqn, vals)[0]
+        if h.axis is None:
+            return [_OneHot(out, None, h.first)]
         free = [d for d in range(h.x.ndim) if d not in own]
         pos = free.index(h.axis)
         if i == 1:
@@ -237,7 +284,7 @@ def _pick(x: jax.Array, axis: int, first: Any, n: int) -> jax.Array:
     """``x``'s slices ``first .. first + n - 1`` along ``axis``, stacked in front (zero
     past the end)."""
     size = x.shape[axis]
-    if isinstance(first, int) and first + n <= size:
+    if isinstance(first, int) and 0 <= first and first + n <= size:
         x = lax.slice_in_dim(x, first, first + n, axis=axis)
         return jnp.moveaxis(x, axis, 0)
     idx = first + jnp.arange(n)

@@ -68,8 +68,16 @@ def _unused(p, x):
     return jnp.tanh(x @ p["w1"]) @ p["w2"]
 
 
-MODELS = {"dense": (_dense, (16,)), "seq": (_seq, (3, 6)), "nested": (_nested, (16,)),
-          "conv": (_conv, (16,)), "scan": (_scan, (16,)), "unused": (_unused, (16,))}
+def _separate_heads(p, x):
+    # K heads applied one by one (a dict of heads in a Flax model): the stacked losses'
+    # cotangent is sliced per head, so each head's rows are one task's only.
+    z = jax.nn.relu(x @ p["w1"] + p["b1"])
+    return jnp.stack([z @ p["w2"][:, i] for i in range(K)], axis=1)
+
+
+MODELS = {"dense": (_dense, (16,)), "separate_heads": (_separate_heads, (16,)),
+          "seq": (_seq, (3, 6)), "nested": (_nested, (16,)), "conv": (_conv, (16,)),
+          "scan": (_scan, (16,)), "unused": (_unused, (16,))}
 
 
 def _setup(name):
