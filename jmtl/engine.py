@@ -45,10 +45,10 @@ builds the linearised step of each mode, :mod:`jmtl._jacobian_pass` the plan and
 chunking strategies, :mod:`jmtl._replicas` the ``axis_name`` plumbing and
 :mod:`jmtl._driver` the one driver.
 
-Cost note: with K *separate* heads, the vmapped VJP pushes each one-hot cotangent
-through every head, so the heads' part of the Jacobian costs ``K² x batch x width``
-(the vmap cannot know that row k touches only head k). Stacking the heads into one
-``(width, K)`` matrix turns that part into one GEMM.
+Cost note: the one-hot cotangents stay one-hot through the loss and the heads
+(:mod:`jmtl._task_vmap`), so a task's row never pays for the other tasks' heads:
+stacked heads (one ``(width, K)`` matrix) cost one outer product per task, separate
+heads one head's backward pass per task (not K x K, as a plain ``vmap`` would).
 """
 
 from __future__ import annotations
