@@ -52,8 +52,8 @@ _CALLS = ("jit", "pjit", "closed_call", "core_call")
 # The unbatched operand is broadcast along the task axis (XLA's batched dot needs the
 # batch dimension on both sides). When that copy would exceed this many bytes, the
 # weight gradient is one GEMM per task in a ``lax.map`` instead: on the benchmark MLP at
-# K = 128 (a 16 MiB broadcast) that was as fast and needed 12 MiB less temporary memory
-# (60.4 against 72.3 MiB); at K = 8 and 32 the single batched GEMM was 4-11% faster.
+# K = 128 (a 16 MiB broadcast) that was as fast and needed 8 MiB less temporary memory
+# (64.4 against 72.3 MiB); at K = 8 and 32 the single batched GEMM was 4-11% faster.
 BROADCAST_BYTES = 8 * 2**20
 
 
