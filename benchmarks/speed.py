@@ -230,9 +230,38 @@ def bench_steps(names, ks, modes, repeats, records, log):
                 kind = _kind(method)
                 records.append({"part": "step", "method": name, "K": k, "mode": mode,
                                 "kind": kind, "median_ms": ms, "baseline": "ew",
-                                "ratio": ratio, "first_call_s": first_s})
+                                "ratio": ratio, "first_call_s": first_s,
+                                "gflop": step_gflop(step, params, state, x, y, key)})
                 log(f"[step] {mode:8s} K={k:3d} {name:14s} {ms:9.3f} ms  {ratio:5.2f}x ew"
                     f"  (first call {first_s:5.2f} s)")
+
+
+def step_gflop(step, *args) -> float | None:
+    """The compiled step's floating-point work (XLA's cost analysis), in GFLOP."""
+    try:
+        cost = step.lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost["flops"]) / 1e9
+    except Exception:  # noqa: BLE001 - not every backend reports costs
+        return None
+
+
+def gemm_rate_gflops(repeats: int) -> dict:
+    """GFLOP/s of one large float32 GEMM, ``(256, 256) x (256, 8192)`` (the size of the
+    params-mode Jacobian's GEMMs at K = 32), in jax and, when importable, in torch."""
+    flop = 2 * 256 * 256 * 8192
+    a = jax.random.normal(jax.random.key(0), (256, 256))
+    b = jax.random.normal(jax.random.key(1), (256, 8192))
+    gemm = jax.jit(lambda a, b: a @ b)
+    rates = {"jax": flop / _common.median_ms(lambda: gemm(a, b), repeats=repeats,
+                                              min_time_s=0.2) / 1e6}
+    try:
+        import torch
+    except ImportError:
+        return rates
+    ta, tb = torch.randn(256, 256), torch.randn(256, 8192)
+    rates["torch"] = flop / _torch_median_ms(lambda: ta @ tb, repeats) / 1e6
+    return rates
 
 
 def _kind(method) -> str:
@@ -357,6 +386,11 @@ def bench_torchjd(names, ks, repeats, records, log, threads=None):
     torch.set_num_threads(threads or 1)
     log(f"[torchjd] torch {torch.__version__}, torchjd {version('torchjd')}, "
         f"{torch.get_num_threads()} intra-op thread(s)")
+    rates = gemm_rate_gflops(repeats)
+    records.append({"part": "gemm", "jax_gflops": rates["jax"],
+                    "torch_gflops": rates["torch"]})
+    log(f"[torchjd] one (256, 256) x (256, 8192) GEMM: jax {rates['jax']:.1f} GFLOP/s, "
+        f"torch {rates['torch']:.1f} GFLOP/s")
     aggs = _torchjd_aggregators()
     for k in ks:
         h = trunk_width(k)
@@ -548,6 +582,9 @@ def markdown(records, info, args) -> str:
             ["method", "K", "jmtl mode", "jmtl ms", "torchjd ms", "speed-up"],
             [[r["method"], r["K"], r["mode"], r["median_ms"], r["torchjd_ms"],
               f"{1 / r['ratio']:.2f}×"] for r in tj]))
+        for g in [r for r in records if r["part"] == "gemm"][-1:]:
+            out.append(f"\nOne `(256, 256) x (256, 8192)` float32 GEMM in the same run: jax "
+                       f"{g['jax_gflops']:.1f} GFLOP/s, torch {g['torch_gflops']:.1f} GFLOP/s.")
     out.append("\n" + targets(records))
     return "\n".join(out)
 
@@ -585,7 +622,32 @@ def targets(records) -> str:
                      + ", ".join(f"{v}× at K={k}" for k, v in TORCHJD_TARGETS.items())
                      + f": {len(ok)}/{len(tj)} met; speed-ups "
                      + ", ".join(f"{r['method']}@{r['K']} {1 / r['ratio']:.2f}×" for r in tj))
+        lines.extend(_floor_lines([r for r in tj if r not in ok], records))
     return "\n".join(lines) + "\n"
+
+
+def _floor_lines(missed, records) -> list[str]:
+    """For each missed torchjd target: the time it needs against the step's FLOPs at the
+    GEMM rate measured in the same run (no step can beat that on this machine)."""
+    gemm = [r for r in records if r["part"] == "gemm"]
+    if not gemm:
+        return []
+    rate = gemm[-1]["jax_gflops"]
+    out = []
+    for r in missed:
+        step = [q for q in records if q["part"] == "step" and q["method"] == r["method"]
+                and q["K"] == r["K"] and q["mode"] == "params" and q.get("gflop")]
+        if not step:
+            continue
+        need = r["torchjd_ms"] / TORCHJD_TARGETS[r["K"]]
+        floor = step[0]["gflop"] / rate * 1e3
+        verdict = ("below this machine's floor" if floor > need
+                   else f"{floor / need:.0%} of it is the floor")
+        out.append(f"  - {r['method']}@{r['K']}: needs ≤ {need:.1f} ms; its "
+                   f"{step[0]['gflop']:.2f} GFLOP at this run's GEMM rate "
+                   f"({rate:.0f} GFLOP/s; torch {gemm[-1]['torch_gflops']:.0f}) take "
+                   f"{floor:.1f} ms ({verdict})")
+    return out
 
 
 def main(argv=None) -> dict:

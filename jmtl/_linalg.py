@@ -33,11 +33,18 @@ def row_peaks(x: jax.Array) -> jax.Array:
     return jnp.where(ok, jnp.ldexp(one, e), one)
 
 
-def peak_scaled_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def peak_scaled_rows(x: jax.Array, keep: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
     """``(x / p, p)`` with ``p`` the :func:`row_peaks` (exact: ``p`` are powers of two), so
-    every row has its largest magnitude in ``[0.5, 1]`` and can be squared in any dtype."""
+    every row has its largest magnitude in ``[0.5, 1]`` and can be squared in any dtype.
+
+    Rows where the ``(K,)`` bool ``keep`` is False come out zero (with ``p = 1``) in the
+    same pass over ``x``, whatever they held."""
     p = row_peaks(x)
-    return x / p[:, None], p
+    y = x / p[:, None]
+    if keep is None:
+        return y, p
+    return jnp.where(keep[:, None], y, jnp.zeros((), y.dtype)), jnp.where(keep, p, 1)
 
 
 def gram(x: jax.Array) -> jax.Array:

@@ -130,10 +130,11 @@ def config(solver: str = "csne") -> base.Method:
 
     lstsq = _linalg.min_norm_lstsq if solver == "qr" else _linalg.min_norm_lstsq_gram
 
-    def solve_csne(rows, target):
+    def solve_csne(jac, present, target):
         # The unit rows are never formed: U = diag(1/n) Y with Y the peak-scaled rows,
-        # whose Gramian gives the norms n on its diagonal.
-        y, peaks = _linalg.peak_scaled_rows(rows)
+        # whose Gramian gives the norms n on its diagonal. Absent rows are zeroed in the
+        # same pass (one read of the K×d Jacobian fewer than masking it first).
+        y, peaks = _linalg.peak_scaled_rows(jac, keep=present)
         g = _linalg.gram(y)
         n = jnp.sqrt(jnp.diagonal(g))
         inv_n = jnp.where(n > 0, 1 / jnp.where(n > 0, n, 1), 0)
@@ -141,7 +142,8 @@ def config(solver: str = "csne") -> base.Method:
             y, target, row_scale=inv_n, gram_a=g)
         return v, fitted, coeffs, peaks * n, converged
 
-    def solve_direct(rows, target):
+    def solve_direct(jac, present, target):
+        rows = jnp.where(present[:, None], jac, 0)
         units, norms = _linalg.unit_rows(rows)
         v, fitted, coeffs = lstsq(units, target, rtol=_zero_tol(rows.shape[0], rows.dtype))
         return v, fitted, coeffs, norms, jnp.bool_(True)
@@ -153,10 +155,9 @@ def config(solver: str = "csne") -> base.Method:
         dtype = jnp.result_type(jnp.float32, jac.dtype)
         k = jac.shape[0]
         present = inputs.present
-        rows = jnp.where(present[:, None], jac.astype(dtype), 0)
         target = present.astype(dtype)
         tol = _zero_tol(k, dtype)
-        v, fitted, coeffs, norms, converged = solve(rows, target)
+        v, fitted, coeffs, norms, converged = solve(jac.astype(dtype), present, target)
         # ||v|| from v itself: exact whatever the solver's basis.
         v_norm = _linalg.scaled_row_norms(v[None, :])[0]
         size = jnp.sqrt(jnp.sum(jnp.square(coeffs)))
