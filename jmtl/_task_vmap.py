@@ -1,37 +1,40 @@
-"""``vmap`` over the task axis of the per-task VJP, with GEMM-friendly weight gradients.
+"""``vmap`` over the task axis of the per-task VJP, laid out for GEMMs.
 
 The engine's per-task rows are ``vmap(vjp)(I_K)``. :func:`vmap_rows` computes exactly
-that, but evaluates the VJP's jaxpr one equation at a time, batching each equation with
-``jax.vmap`` (JAX's own batching rules) except one pattern: a ``dot_general`` with one
-task-batched operand whose contracting dimensions are not its trailing ones. That is
-the weight gradient of a dense layer, ``dW_k = Aᵀ D_k`` (``D_k`` the ``(batch, out)``
-cotangent of task k, contracted over its leading ``batch`` axis). ``jax.vmap`` folds
-the task axis into the free dimensions of one GEMM, ``(K·out, batch) × (batch, in)``,
-which makes XLA:CPU write a transposed copy of every ``D_k`` (often fused with, and so
-recomputing, the activation's derivative) and transpose the ``(K, out, in)`` result
-back. Here the unbatched operand is broadcast along the task axis and the product is a
-batched GEMM ``(K, batch, in)ᵀ × (K, batch, out)`` that reads every operand in its
-natural layout and writes the ``(K, in, out)`` rows directly.
+that, but evaluates the VJP's jaxpr one equation at a time with JAX's batching rules
+(``jax.vmap`` of each equation's ``bind``), except where the layout of the task axis or
+the one-hot cotangents make a cheaper form possible:
 
-The cotangents are one-hot, and ``jax.vmap`` cannot know it: with stacked heads
-``pred = z @ W`` (``W`` of shape ``(width, K)``) it computes the heads' input gradient as
-a GEMM over a ``(K, batch, K)`` array that is zero but for one column per task, ``K² x
-batch x width`` multiply-adds. Here a value whose task rows are one array masked to one
-index per task (:class:`_OneHot`) stays in that form through the equations that keep it
-(products with unbatched values, broadcasts, reductions over other axes, transposes,
-...), and a ``dot_general`` that contracts the masked axis becomes a product of the
-selected slices: an outer product ``r[:, k] ⊗ W[:, k]`` per task, ``K x batch x width``.
+* **Where the task axis lives.** Every value carries its task axis where it lands, as
+  ``jax.vmap``'s tracers do, instead of in front. The heads' product of the one-hot
+  cotangents is written ``(batch, ..., K, features)``, element-wise equations keep the
+  axis where their operands have it (unbatched operands are broadcast along it, which
+  XLA fuses), and a ``dot_general`` with one batched operand puts it among that
+  operand's free dimensions (:func:`_folded_dot`). A dense layer's input gradient
+  ``D_k Wᵀ`` is then one GEMM ``(batch·K, out) × (out, in)`` and its weight gradient
+  ``Aᵀ D_k`` one GEMM ``(in, batch) × (batch, K·out)``, both reading ``D`` in place:
+  no transposed copy and no broadcast of ``A``. When the task axis sits between a
+  weight gradient's contracting dimensions, the product is a GEMM batched over tasks
+  with ``A`` broadcast along them (:func:`_batched_dot`).
+* **One-hot cotangents stay one-hot.** ``jax.vmap`` cannot know that the cotangents are
+  one-hot: with stacked heads ``pred = z @ W`` (``W`` of shape ``(width, K)``) it
+  computes the heads' input gradient as a GEMM over a ``(K, batch, K)`` array that is
+  zero but for one column per task, ``K² x batch x width`` multiply-adds. Here such a
+  value (:class:`_OneHot`: one array and the index each task selects) keeps that form
+  through the equations that preserve it (products with unbatched values, broadcasts,
+  reductions over other axes, transposes, ...), and a ``dot_general`` that contracts
+  the masked axis becomes a product of the selected slices: an outer product
+  ``r[:, k] ⊗ W[:, k]`` per task, ``K x batch x width``.
+* **A cotangent that feeds two GEMMs is computed once** (XLA:CPU only, see
+  :data:`MATERIALIZE_SHARED`).
 
-Same products and sums, so the same numbers (bit-identical in our measurements on
-XLA:CPU; a non-finite residual poisons only the rows it belongs to, where ``vmap`` gives
-``0 x inf = nan`` in every row). On the benchmark MLP (``benchmarks/speed.py``, one
-core) the params-mode UPGrad step went from 9.4 to 8.0-9.3 ms at K = 8, from 62.5-64.4 to
-53.6-54.3 ms at K = 32 and from 114-120 to 99-109 ms at K = 128 (docs/architecture.md,
-"The Jacobian pass").
-
-Calls (``jit``) are evaluated inline, so dense layers inside jitted user functions are
-covered too. Every other primitive, control flow included, goes through ``jax.vmap`` of
-its ``bind``, i.e. JAX's batching rule, unchanged.
+Same products and sums, so the same numbers to float32 rounding (bit-identical to
+``jax.vmap`` on the benchmark MLP; a non-finite residual poisons only the rows it
+belongs to, where ``vmap`` gives ``0 x inf = nan`` in every row). Calls (``jit``) are
+evaluated inline, so dense layers inside jitted user functions are covered too; every
+other primitive, control flow included, goes through ``jax.vmap`` of its ``bind``.
+What each step measured on the benchmark MLP is in docs/architecture.md, "The Jacobian
+pass".
 """
 
 from __future__ import annotations
@@ -48,6 +51,21 @@ from jax.extend import core as jcore
 __all__ = ["vmap_rows"]
 
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
+
+# Element-wise primitives: every non-scalar operand has the output's shape. The task
+# axis stays where the operands have it (jax.vmap's rule moves it to the front whenever
+# an unbatched operand is not a scalar, which costs a transposed copy per equation).
+_ELEMENTWISE = frozenset((
+    "add", "add_any", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "and",
+    "or", "xor", "not", "eq", "ne", "lt", "le", "gt", "ge", "select_n", "clamp",
+    "integer_pow", "neg", "sign", "abs", "exp", "exp2", "log", "log1p", "expm1", "tanh",
+    "logistic", "sin", "cos", "sqrt", "rsqrt", "cbrt", "square", "floor", "ceil", "round",
+    "is_finite", "erf", "erfc", "erf_inv", "convert_element_type", "copy", "copy_p",
+    "reduce_precision"))
+# What a shared cotangent's producing chain may contain (see _materialize): element-wise
+# equations and reshapes; also the heads' dot_general when it reads one-hot cotangents
+# (then an outer product per task).
+_CHEAP = _ELEMENTWISE | {"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims"}
 
 # The unbatched operand is broadcast along the task axis (XLA's batched dot needs the
 # batch dimension on both sides). When that copy would exceed this many bytes, the
@@ -140,13 +158,103 @@ def _eval(jaxpr, consts: list, args: list, n: int) -> list:
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
-    for eqn in jaxpr.eqns:
+    shared = _shared_cotangents(jaxpr) if MATERIALIZE_SHARED else set()
+    producer: dict = {}
+    for idx, eqn in enumerate(jaxpr.eqns):
         ins = [read(v) for v in eqn.invars]
         with eqn.ctx.manager:
             outs = _eval_eqn(eqn, ins, n)
         for v, o in zip(eqn.outvars, outs, strict=True):
             env[v] = o
+            producer[v] = idx
+        if len(eqn.outvars) == 1 and eqn.outvars[0] in shared:
+            with eqn.ctx.manager:
+                _materialize(jaxpr, eqn.outvars[0], env, producer, n)
     return [read(v) for v in jaxpr.outvars]
+
+
+# On XLA:CPU, a task-batched cotangent that feeds two GEMMs (a layer's weight gradient
+# and its input gradient, which XLA reads through a (K·batch, width) bitcast) is computed
+# twice: XLA fuses the element-wise chain that produces it (the one-hot heads' outer
+# product, the activation's derivative) into each consumer, 2-3 ms and 8 MiB each at
+# K = 32 on the benchmark MLP. The outputs of a conditional cannot be fused into their
+# consumers, so the chain is evaluated inside a ``lax.cond`` whose two branches are the
+# same function (the predicate only has to be unknown to the compiler): it is then
+# written once. Other platforms get the plain chain (``lax.platform_dependent``).
+MATERIALIZE_SHARED = True
+
+
+def _shared_cotangents(jaxpr) -> set:
+    """Variables that an element-wise equation produces and that two or more GEMMs or
+    sums read, a GEMM among them: the candidates for :func:`_materialize`."""
+    uses: dict = {}
+    dots: set = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "reduce_sum"):
+            for v in set(eqn.invars):
+                if not isinstance(v, jcore.Literal):
+                    uses[v] = uses.get(v, 0) + 1
+                    if eqn.primitive.name == "dot_general":
+                        dots.add(v)
+    made = {e.outvars[0] for e in jaxpr.eqns
+            if len(e.outvars) == 1 and e.primitive.name in _CHEAP}
+    return {v for v, c in uses.items() if c >= 2 and v in made and v in dots}
+
+
+def _materialize(jaxpr, var, env, producer, n: int) -> None:
+    """Re-evaluates the cheap chain that produced the task-batched ``var`` inside a
+    ``lax.cond`` (see :data:`MATERIALIZE_SHARED`) and makes ``env[var]`` its output."""
+    value = env[var]
+    if isinstance(value, _OneHot) or value[1] is None:
+        return
+    chain: set = set()
+    todo = [var]
+    while todo:
+        v = todo.pop()
+        i = producer.get(v)
+        if i is None or i in chain:
+            continue
+        if not isinstance(env[v], _OneHot) and env[v][1] is None:
+            continue  # unbatched: computed once anyway
+        eqn = jaxpr.eqns[i]
+        args = [u for u in eqn.invars if not isinstance(u, jcore.Literal)]
+        one_hot_dot = eqn.primitive.name == "dot_general" and any(
+            isinstance(env[u], _OneHot) for u in args)
+        if eqn.primitive.name in _CHEAP or one_hot_dot:
+            chain.add(i)
+            todo.extend(args)
+
+    order = sorted(chain)
+    outside = [u for i in order for u in jaxpr.eqns[i].invars
+               if not isinstance(u, jcore.Literal) and producer.get(u) not in chain]
+    # Any value that is not a compile-time constant makes the predicate opaque; each
+    # input's first element equals itself unless it is NaN, and both branches are the
+    # same anyway.
+    anchors = [(env[u].x if isinstance(env[u], _OneHot) else env[u][0]) for u in outside]
+    anchors = [jnp.ravel(a)[0] for a in anchors
+               if jnp.size(a) and jnp.issubdtype(jnp.result_type(a), jnp.floating)]
+    if not anchors:
+        return
+
+    def chain_value():
+        local: dict = {}
+
+        def read(u):
+            if isinstance(u, jcore.Literal):
+                return (u.val, None)
+            return local[u] if u in local else env[u]
+
+        for i in order:
+            eqn = jaxpr.eqns[i]
+            outs = _eval_eqn(eqn, [read(u) for u in eqn.invars], n)
+            for u, o in zip(eqn.outvars, outs, strict=True):
+                local[u] = o
+        x, b = _dense(local[var], n)
+        return jnp.moveaxis(x, b, value[1])
+
+    pred = jnp.all(jnp.stack([a == a for a in anchors]))
+    once = lambda: lax.cond(pred, chain_value, chain_value)  # noqa: E731
+    env[var] = (lax.platform_dependent(cpu=once, default=lambda: value[0]), value[1])
 
 
 def _eval_eqn(eqn, ins: list, n: int) -> list:
@@ -163,10 +271,76 @@ def _eval_eqn(eqn, ins: list, n: int) -> list:
     axes = tuple(b for _, b in ins)
     if all(b is None for b in axes):
         return [(o, None) for o in _bind(eqn, vals)]
-    if name == "dot_general" and _transposing_fold(vals, axes, eqn):
-        return [(_batched_dot(vals, axes, eqn, n), 0)]
-    out = jax.vmap(lambda *a: _bind(eqn, a), in_axes=axes, axis_size=n)(*vals)
-    return [(o, 0) for o in out]
+    if name == "dot_general" and sum(b is not None for b in axes) == 1:
+        if _transposing_fold(vals, axes, eqn):
+            return [(_batched_dot(vals, axes, eqn, n), 0)]
+        return [_folded_dot(vals, axes, eqn)]
+    if name in _ELEMENTWISE and _same_shapes(eqn):
+        return _elementwise(eqn, vals, axes)
+    out_axis = 0
+    if name == "reduce_sum":  # the task axis keeps its place among the kept axes
+        b = axes[0]
+        out_axis = b - sum(_shifted(d, b) < b for d in eqn.params["axes"])
+    out = jax.vmap(lambda *a: _bind(eqn, a), in_axes=axes, out_axes=out_axis,
+                   axis_size=n)(*vals)
+    return [(o, out_axis) for o in out]
+
+
+def _same_shapes(eqn) -> bool:
+    shape = eqn.outvars[0].aval.shape
+    return all(v.aval.shape in ((), shape) for v in eqn.invars)
+
+
+def _shifted(d: int, b: int) -> int:
+    """Where unbatched dimension ``d`` is when the task axis is at ``b``."""
+    return d + 1 if d >= b else d
+
+
+def _elementwise(eqn, vals, axes) -> list:
+    """An element-wise equation with the task axis where its first batched operand has
+    it: other batched operands are moved there, unbatched ones broadcast along it."""
+    b = next(a for a in axes if a is not None)
+    shape = next(jnp.shape(x) for x, a in zip(vals, axes) if a is not None)
+    scalar_out = eqn.outvars[0].aval.shape == ()
+    args = []
+    for x, a in zip(vals, axes):
+        if a is None and jnp.ndim(x) == 0 and not scalar_out:
+            args.append(x)  # a scalar operand of an array equation (e.g. a literal)
+        elif a is None:
+            keep = tuple(_shifted(d, b) for d in range(jnp.ndim(x)))
+            args.append(lax.broadcast_in_dim(x, shape, keep))
+        else:
+            args.append(jnp.moveaxis(x, a, b))
+    return [(o, b) for o in _bind(eqn, args)]
+
+
+def _folded_dot(vals, axes, eqn):
+    """``dot_general`` with one task-batched operand whose task axis is a free dimension:
+    one GEMM with the task axis folded into that operand's free dimensions, and the
+    result's task axis where that lands (as ``jax.vmap`` does, without moving it)."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    i = 0 if axes[0] is not None else 1
+    b = axes[i]
+    own_c, own_b = (lc, lb) if i == 0 else (rc, rb)
+    own_c = tuple(_shifted(d, b) for d in own_c)
+    own_b = tuple(_shifted(d, b) for d in own_b)
+    free = [d for d in range(jnp.ndim(vals[i])) if d not in own_c and d not in own_b]
+    out_axis = len(lb) + free.index(b)
+    if i == 1:
+        out_axis += jnp.ndim(vals[0]) - len(lc) - len(lb)
+    kw = dict(precision=eqn.params.get("precision"),
+              preferred_element_type=eqn.params.get("preferred_element_type"))
+    if i == 0 and not lb and sorted(own_c) == list(range(len(own_c))):
+        # The batched operand contracts its leading axes: it is the right-hand side of
+        # a row-major GEMM, (unbatched free, contract) x (contract, task x free). Swap
+        # the operands rather than have XLA write it transposed, and transpose the
+        # (smaller, or next transposed anyway) result.
+        out = lax.dot_general(vals[1], vals[0], ((rc, own_c), ((), ())), **kw)
+        n_rhs_free = out.ndim - len(free)
+        perm = tuple(range(n_rhs_free, out.ndim)) + tuple(range(n_rhs_free))
+        return lax.transpose(out, perm), out_axis
+    dims = ((own_c, rc), (own_b, rb)) if i == 0 else ((lc, own_c), (lb, own_b))
+    return lax.dot_general(vals[0], vals[1], dims, **kw), out_axis
 
 
 _ONE_HOT_UNARY = ("neg", "convert_element_type", "copy", "copy_p", "reduce_precision")
@@ -263,6 +437,31 @@ def _one_hot_dot(eqn, ins, hot, n: int) -> list | None:
         return [_OneHot(out, pos, h.first)]
     # Contracting the masked axis: row t uses index first + t of both operands.
     k = list(own).index(h.axis)
+    out_type = eqn.params.get("preferred_element_type") or jnp.result_type(h.x, other)
+    if len(own) == 1:  # an outer product per task, written in place as one product
+        # The task axis goes next to the last axis, (batch, ..., task, features): the
+        # later weight gradients, which contract the leading axes, are then one GEMM
+        # each over (batch, task x features) with no transposed copy (_folded_dot).
+        lhs, l_axis, rhs, r_axis = ((h.x, h.axis, other, theirs[0]) if i == 0
+                                    else (other, theirs[0], h.x, h.axis))
+        free = ([lhs.shape[d] for d in range(lhs.ndim) if d != l_axis]
+                + [rhs.shape[d] for d in range(rhs.ndim) if d != r_axis])
+        pos = max(len(free) - 1, 0)
+        shape = tuple(free[:pos]) + (n,) + tuple(free[pos:])
+
+        def spread(x, axis, offset):
+            dims, j = [], offset
+            for d in range(x.ndim):
+                if d == axis:
+                    dims.append(pos)
+                else:
+                    dims.append(_shifted(j, pos))
+                    j += 1
+            x = _take(x, axis, h.first, n).astype(out_type)
+            return lax.broadcast_in_dim(x, shape, tuple(dims))
+
+        out = spread(lhs, l_axis, 0) * spread(rhs, r_axis, lhs.ndim - 1)
+        return [(out, pos)]
     a = _pick(h.x, h.axis, h.first, n)
     b = _pick(other, theirs[k], h.first, n)
     a_rest = tuple(_moved(d, h.axis) for j, d in enumerate(own) if j != k)
@@ -270,8 +469,7 @@ def _one_hot_dot(eqn, ins, hot, n: int) -> list | None:
     lhs, rhs = (a, b) if i == 0 else (b, a)
     contract = (a_rest, b_rest) if i == 0 else (b_rest, a_rest)
     out = lax.dot_general(lhs, rhs, (contract, ((0,), (0,))),
-                          precision=eqn.params.get("precision"),
-                          preferred_element_type=eqn.params.get("preferred_element_type"))
+                          precision=eqn.params.get("precision"), preferred_element_type=out_type)
     return [(out, 0)]
 
 
@@ -280,30 +478,35 @@ def _moved(d: int, axis: int) -> int:
     return d + 1 if d < axis else d
 
 
-def _pick(x: jax.Array, axis: int, first: Any, n: int) -> jax.Array:
-    """``x``'s slices ``first .. first + n - 1`` along ``axis``, stacked in front (zero
-    past the end)."""
+def _take(x: jax.Array, axis: int, first: Any, n: int) -> jax.Array:
+    """``x``'s slices ``first .. first + n - 1`` along ``axis`` (zero past the end)."""
     size = x.shape[axis]
     if isinstance(first, int) and 0 <= first and first + n <= size:
-        x = lax.slice_in_dim(x, first, first + n, axis=axis)
-        return jnp.moveaxis(x, axis, 0)
-    idx = first + jnp.arange(n)
-    return jnp.moveaxis(jnp.take(x, idx, axis=axis, mode="fill", fill_value=0), axis, 0)
+        return lax.slice_in_dim(x, first, first + n, axis=axis)
+    return jnp.take(x, first + jnp.arange(n), axis=axis, mode="fill", fill_value=0)
+
+
+def _pick(x: jax.Array, axis: int, first: Any, n: int) -> jax.Array:
+    """:func:`_take`, stacked in front."""
+    return jnp.moveaxis(_take(x, axis, first, n), axis, 0)
 
 
 def _transposing_fold(vals, axes, eqn) -> bool:
-    """Whether ``vmap`` would fold the task axis into a GEMM through a transposed copy.
+    """Whether folding the task axis into a GEMM would need a transposed copy.
 
     One operand is task-batched, there are no batch dimensions, and that operand's
-    contracting dimensions are not its trailing (row-major minor) ones.
+    contracting dimensions (counted with the task axis where it is) are neither its
+    leading nor its trailing ones, so its free dimensions and the task axis are not
+    one contiguous block.
     """
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    if lb or rb or sum(b is not None for b in axes) != 1:
+    if lb or rb:
         return False
     i = 0 if axes[0] is not None else 1
-    contract = sorted(lc if i == 0 else rc)
-    rank = jnp.ndim(vals[i]) - 1
-    return contract != list(range(rank - len(contract), rank))
+    contract = sorted(_shifted(d, axes[i]) for d in (lc if i == 0 else rc))
+    rank = jnp.ndim(vals[i])
+    return contract not in (list(range(len(contract))),
+                            list(range(rank - len(contract), rank)))
 
 
 def _batched_dot(vals, axes, eqn, n: int) -> jax.Array:

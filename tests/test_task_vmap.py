@@ -132,15 +132,54 @@ def _batched_dots(fn, *args) -> int:
     return count
 
 
-def test_dense_weight_gradients_become_task_batched_gemms():
-    """Batched GEMMs: ``w1``'s weight gradient and the product of the one-hot rows with
-    ``w2`` (``w2``'s own gradient stays one-hot: task k's touches column k only);
-    ``jax.vmap`` has none."""
+def test_dense_weight_gradients_are_single_gemms_over_the_folded_task_axis():
+    """The one-hot heads' product is laid out ``(batch, K, width)``, so each weight
+    gradient is one plain GEMM ``(in, batch) x (batch, K·out)``: no GEMM batched over
+    tasks (which needs the layer input broadcast along the task axis), no per-task loop.
+    The rows equal plain ``jax.vmap``'s."""
     params, _, _, losses = _setup("dense")
     _, vjp = jax.vjp(losses, params)
     eye = jnp.eye(K)
-    assert _batched_dots(lambda e: _task_vmap.vmap_rows(vjp, K, jnp.float32), eye) == 2
-    assert _batched_dots(jax.vmap(vjp), eye) == 0
+    assert _batched_dots(lambda e: _task_vmap.vmap_rows(vjp, K, jnp.float32), eye) == 0
+    got = jax.jit(lambda: _task_vmap.vmap_rows(vjp, K, jnp.float32))()
+    want = jax.vmap(vjp)(eye)
+    for key in params:
+        np.testing.assert_allclose(np.asarray(got[0][key]), np.asarray(want[0][key]),
+                                   rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def _mlp_rows_temp_bytes(rows_fn) -> int:
+    k, b, d, h = 8, 128, 32, 128
+    r = np.random.default_rng(1)
+    p = {"w1": jnp.asarray(r.normal(size=(d, h)) / 6, jnp.float32), "b1": jnp.zeros(h),
+         "w2": jnp.asarray(r.normal(size=(h, h)) / 11, jnp.float32), "b2": jnp.zeros(h)}
+    heads = jnp.asarray(r.normal(size=(h, k)), jnp.float32)
+    x = jnp.asarray(r.normal(size=(b, d)), jnp.float32)
+    y = jnp.asarray(r.normal(size=(b, k)), jnp.float32)
+
+    def losses(t):
+        z = jax.nn.relu(jax.nn.relu(x @ t["w1"] + t["b1"]) @ t["w2"] + t["b2"])
+        return jnp.mean((z @ heads - y) ** 2, axis=0)
+
+    def rows(t):
+        return rows_fn(jax.vjp(losses, t)[1], k)
+
+    return jax.jit(rows).lower(p).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU fusion workaround")
+def test_shared_cotangent_is_computed_once_on_cpu(monkeypatch):
+    """The masked cotangent that feeds both a layer's weight gradient and its input
+    gradient is computed inside one conditional, so XLA:CPU writes it once instead of
+    once per consumer: the compiled rows need less temporary memory than without the
+    conditional, and than plain ``jax.vmap``."""
+    rows = lambda vjp, k: _task_vmap.vmap_rows(lambda e: vjp(e)[0], k, jnp.float32)  # noqa: E731
+    once = _mlp_rows_temp_bytes(rows)
+    plain = _mlp_rows_temp_bytes(lambda vjp, k: jax.vmap(lambda e: vjp(e)[0])(jnp.eye(k)))
+    monkeypatch.setattr(_task_vmap, "MATERIALIZE_SHARED", False)
+    twice = _mlp_rows_temp_bytes(
+        lambda vjp, k: _task_vmap.vmap_rows(lambda e: vjp(e)[0], k, jnp.float32))
+    assert once < twice and once < plain, (once, twice, plain)
 
 
 @pytest.mark.parametrize("first", [0, 1, 3])
