@@ -147,9 +147,13 @@ def _bind(eqn, vals: Sequence[Any]) -> list:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _eval(jaxpr, consts: list, args: list, n: int) -> list:
-    """Evaluates ``jaxpr`` on ``(value, task_axis or None)`` pairs and :class:`_OneHot`."""
+def _eval(jaxpr, consts: list, args: list, n: int, top: bool = True) -> list:
+    """Evaluates ``jaxpr`` on ``(value, task_axis or None)`` pairs and :class:`_OneHot`.
+
+    ``top``: ``jaxpr`` is the VJP itself, whose outputs are the rows (not read by a GEMM).
+    """
     env: dict = {}
+    gemm_inputs = _gemm_inputs(jaxpr, outputs=not top)
 
     def read(v):
         return (v.val, None) if isinstance(v, jcore.Literal) else env[v]
@@ -163,13 +167,13 @@ def _eval(jaxpr, consts: list, args: list, n: int) -> list:
     for idx, eqn in enumerate(jaxpr.eqns):
         ins = [read(v) for v in eqn.invars]
         with eqn.ctx.manager:
-            outs = _eval_eqn(eqn, ins, n)
+            outs = _eval_eqn(eqn, ins, n, inner=eqn.outvars[0] in gemm_inputs)
         for v, o in zip(eqn.outvars, outs, strict=True):
             env[v] = o
             producer[v] = idx
         if len(eqn.outvars) == 1 and eqn.outvars[0] in shared:
             with eqn.ctx.manager:
-                _materialize(jaxpr, eqn.outvars[0], env, producer, n)
+                _materialize(jaxpr, eqn.outvars[0], env, producer, n, gemm_inputs)
     return [read(v) for v in jaxpr.outvars]
 
 
@@ -182,6 +186,11 @@ def _eval(jaxpr, consts: list, args: list, n: int) -> list:
 # same function (the predicate only has to be unknown to the compiler): it is then
 # written once. Other platforms get the plain chain (``lax.platform_dependent``).
 MATERIALIZE_SHARED = True
+_MAX_CHAIN = 32  # equations re-evaluated in the conditional, at most
+# Smaller cotangents (per task) are left to XLA: computing them twice costs little, and
+# a conditional hides what XLA can simplify in them (e.g. a task's loss cotangent that is
+# one-hot by construction).
+_MIN_SHARED_SIZE = 2**14
 
 
 def _shared_cotangents(jaxpr) -> set:
@@ -198,10 +207,11 @@ def _shared_cotangents(jaxpr) -> set:
                         dots.add(v)
     made = {e.outvars[0] for e in jaxpr.eqns
             if len(e.outvars) == 1 and e.primitive.name in _CHEAP}
-    return {v for v, c in uses.items() if c >= 2 and v in made and v in dots}
+    return {v for v, c in uses.items() if c >= 2 and v in made and v in dots
+            and np.prod(v.aval.shape) >= _MIN_SHARED_SIZE}
 
 
-def _materialize(jaxpr, var, env, producer, n: int) -> None:
+def _materialize(jaxpr, var, env, producer, n: int, gemm_inputs: set) -> None:
     """Re-evaluates the cheap chain that produced the task-batched ``var`` inside a
     ``lax.cond`` (see :data:`MATERIALIZE_SHARED`) and makes ``env[var]`` its output."""
     value = env[var]
@@ -218,15 +228,26 @@ def _materialize(jaxpr, var, env, producer, n: int) -> None:
             continue  # unbatched: computed once anyway
         eqn = jaxpr.eqns[i]
         args = [u for u in eqn.invars if not isinstance(u, jcore.Literal)]
+        if any(isinstance(env[u], _OneHot) and env[u].axis is None for u in args):
+            return  # rows added one task at a time (separate heads): not one fusion
         one_hot_dot = eqn.primitive.name == "dot_general" and any(
             isinstance(env[u], _OneHot) for u in args)
         if eqn.primitive.name in _CHEAP or one_hot_dot:
             chain.add(i)
             todo.extend(args)
+        if len(chain) > _MAX_CHAIN:
+            return
 
     order = sorted(chain)
-    outside = [u for i in order for u in jaxpr.eqns[i].invars
-               if not isinstance(u, jcore.Literal) and producer.get(u) not in chain]
+    outside = list(dict.fromkeys(u for i in order for u in jaxpr.eqns[i].invars
+                                 if not isinstance(u, jcore.Literal)
+                                 and producer.get(u) not in chain))
+    # The chain's task-batched inputs become the conditional's operands, written out:
+    # worth it only if that is not more than the value itself, once more.
+    batched_in = sum(jnp.size(env[u][0]) for u in outside
+                     if not isinstance(env[u], _OneHot) and env[u][1] is not None)
+    if batched_in > 2 * jnp.size(value[0]):
+        return
     # Any value that is not a compile-time constant makes the predicate opaque; each
     # input's first element equals itself unless it is NaN, and both branches are the
     # same anyway.
@@ -246,7 +267,8 @@ def _materialize(jaxpr, var, env, producer, n: int) -> None:
 
         for i in order:
             eqn = jaxpr.eqns[i]
-            outs = _eval_eqn(eqn, [read(u) for u in eqn.invars], n)
+            outs = _eval_eqn(eqn, [read(u) for u in eqn.invars], n,
+                             inner=eqn.outvars[0] in gemm_inputs)
             for u, o in zip(eqn.outvars, outs, strict=True):
                 local[u] = o
         x, b = _dense(local[var], n)
@@ -257,13 +279,25 @@ def _materialize(jaxpr, var, env, producer, n: int) -> None:
     env[var] = (lax.platform_dependent(cpu=once, default=lambda: value[0]), value[1])
 
 
-def _eval_eqn(eqn, ins: list, n: int) -> list:
+def _gemm_inputs(jaxpr, outputs: bool) -> set:
+    """Variables from which some ``dot_general`` is reached (``outputs``: the jaxpr's
+    outputs count as reaching one, as for a call whose caller is unknown here)."""
+    found = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)} if outputs else set()
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.primitive.name == "dot_general" or any(o in found for o in eqn.outvars):
+            found.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+    return found
+
+
+def _eval_eqn(eqn, ins: list, n: int, inner: bool = True) -> list:
+    """One equation on batched values. ``inner``: its output reaches a GEMM, so a newly
+    laid-out task axis goes next to the features (else in front, as rows are stored)."""
     name = eqn.primitive.name
     if name in _CALLS:
-        inner = eqn.params["jaxpr"]
-        return _eval(inner.jaxpr, [(c, None) for c in inner.consts], ins, n)
+        call = eqn.params["jaxpr"]
+        return _eval(call.jaxpr, [(c, None) for c in call.consts], ins, n, top=False)
     if any(isinstance(v, _OneHot) for v in ins):
-        out = _one_hot_rule(eqn, ins, n)
+        out = _one_hot_rule(eqn, ins, n, inner)
         if out is not None:
             return out
         ins = [_dense(v, n) for v in ins]
@@ -346,7 +380,7 @@ def _folded_dot(vals, axes, eqn):
 _ONE_HOT_UNARY = ("neg", "convert_element_type", "copy", "copy_p", "reduce_precision")
 
 
-def _one_hot_rule(eqn, ins: list, n: int) -> list | None:
+def _one_hot_rule(eqn, ins: list, n: int, inner: bool = True) -> list | None:
     """The equation on :class:`_OneHot` inputs kept one-hot, or ``None`` (densify).
 
     Only equations that map zeros to zeros and keep the mask on one axis: unary sign
@@ -389,7 +423,7 @@ def _one_hot_rule(eqn, ins: list, n: int) -> list | None:
             return keep(_bind(eqn, [a.x, b.x])[0], a.axis)
         return None
     if len(ins) != 1:
-        return _one_hot_dot(eqn, ins, hot, n) if name == "dot_general" else None
+        return _one_hot_dot(eqn, ins, hot, n, inner) if name == "dot_general" else None
     if h.axis is None and name in ("broadcast_in_dim", "transpose", "reduce_sum", "squeeze",
                                    "reshape", "slice", "expand_dims"):
         return keep(_bind(eqn, [h.x])[0], None)
@@ -418,7 +452,7 @@ def _one_hot_rule(eqn, ins: list, n: int) -> list | None:
     return None
 
 
-def _one_hot_dot(eqn, ins, hot, n: int) -> list | None:
+def _one_hot_dot(eqn, ins, hot, n: int, inner: bool = True) -> list | None:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if len(hot) != 1 or lb or rb or ins[1 - hot[0]][1] is not None:
         return None
@@ -439,14 +473,15 @@ def _one_hot_dot(eqn, ins, hot, n: int) -> list | None:
     k = list(own).index(h.axis)
     out_type = eqn.params.get("preferred_element_type") or jnp.result_type(h.x, other)
     if len(own) == 1:  # an outer product per task, written in place as one product
-        # The task axis goes next to the last axis, (batch, ..., task, features): the
-        # later weight gradients, which contract the leading axes, are then one GEMM
-        # each over (batch, task x features) with no transposed copy (_folded_dot).
+        # When a GEMM follows, the task axis goes next to the last axis, (batch, ...,
+        # task, features): the weight gradients, which contract the leading axes, are
+        # then one GEMM each over (batch, task x features) with no transposed copy
+        # (_folded_dot). Rows (features mode) are stored with the task axis in front.
         lhs, l_axis, rhs, r_axis = ((h.x, h.axis, other, theirs[0]) if i == 0
                                     else (other, theirs[0], h.x, h.axis))
         free = ([lhs.shape[d] for d in range(lhs.ndim) if d != l_axis]
                 + [rhs.shape[d] for d in range(rhs.ndim) if d != r_axis])
-        pos = max(len(free) - 1, 0)
+        pos = max(len(free) - 1, 0) if inner else 0
         shape = tuple(free[:pos]) + (n,) + tuple(free[pos:])
 
         def spread(x, axis, offset):
