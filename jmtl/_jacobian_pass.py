@@ -35,8 +35,8 @@ COMBINE = "combine"
 VJP = "vjp"
 FINAL_STEPS = (AUTO, COMBINE, VJP)
 
-# How the per-task VJP is batched over tasks: jmtl._task_vmap.vmap_rows (weight gradients
-# as task-batched GEMMs) or plain jax.vmap. Same numbers; see jmtl._task_vmap.
+# How the per-task VJP is batched over tasks: jmtl._task_vmap.vmap_rows (each weight
+# gradient one GEMM over all tasks) or plain jax.vmap. Same numbers; see jmtl._task_vmap.
 GEMM = "gemm"
 VMAP = "vmap"
 TASK_BATCHINGS = (GEMM, VMAP)
