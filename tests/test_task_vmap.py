@@ -1,4 +1,4 @@
-"""``jmtl._task_vmap.vmap_rows``: the per-task VJP batched with task-batched GEMMs.
+"""``jmtl._task_vmap.vmap_rows``: the per-task VJP batched over tasks, laid out for GEMMs.
 
 The reference is a loop of K separate VJPs evaluated in float64 (one cotangent at a
 time, no batching at all). Every model shape below also goes through ``jax.vmap``-only
