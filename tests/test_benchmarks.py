@@ -47,6 +47,17 @@ def test_speed_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_page_faults_one_step_per_process(tmp_path):
+    _run("page_faults.py", tmp_path, "--ks", "2", "--task-batching", "gemm", "vmap",
+         "--repeats", "2")
+    rows = _load(tmp_path / "page_faults.json")["records"]
+    assert [(r["K"], r["task_batching"]) for r in rows] == [(2, "gemm"), (2, "vmap")]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["temp_mib"] > 0 and r["faults_per_call"] >= 0
+    assert (tmp_path / "page_faults.md").exists()
+
+
+@pytest.mark.slow
 def test_pareto_toy_quick(tmp_path):
     _run("pareto_toy.py", tmp_path, "--quick", "--steps", "100", "--methods", "ew", "mean",
          "pcgrad")
