@@ -4,8 +4,8 @@ On ``speed.py``'s model (MLP trunk 64→256→256, ReLU, K linear heads, batch 2
 measures, in one process, interleaved, each jitted:
 
 * ``engine``: the per-task Jacobian w.r.t. the trunk as the engine computes it
-  (:func:`jmtl._task_vmap.vmap_rows`: the VJP over one-hot cotangents with task-batched
-  weight-gradient GEMMs and one-hot rows kept one-hot);
+  (:func:`jmtl._task_vmap.vmap_rows`: the VJP over one-hot cotangents with each weight
+  gradient one GEMM over all tasks and one-hot rows kept one-hot);
 * ``vmap``: the same with plain ``jax.vmap`` of the VJP (the engine before issue 15,
   ``task_batching="vmap"``);
 * ``folded``: the same Jacobian written by hand as task-folded GEMMs (the K cotangents
